@@ -1,0 +1,153 @@
+"""Tiny offline models: real diffusers classes with random weights.
+
+They exist so that the demo and the tests run the exact loading code a real
+model goes through (``save_pretrained`` here, ``from_pretrained`` there) on a
+machine without a model hub. Their images are noise; they check the plumbing,
+not image quality.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# A byte-level BPE vocabulary needs every single character the prompts may
+# contain; printable ASCII with the "</w>" word-end variants is enough for the
+# prompts the demo and the tests use (unknown characters map to <|endoftext|>).
+_CHARS = [chr(c) for c in range(33, 127)]
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _CHARS:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", model_max_length=77)
+
+
+def _clip_config(vocab_size: int, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                          projection_dim=projection_dim, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, hidden_act="gelu")
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny Stable Diffusion XL pipeline to ``folder`` and return the path.
+
+    The UNet has the layout of SDXL (a plain down block, then attention blocks
+    with 1 and 2 transformer layers, two text encoders, added time embeddings)
+    at a size that runs a 64x64 image in a few tens of milliseconds per step.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 48), layers_per_block=1, sample_size=8,
+        in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    tokenizer = _clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer)))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(seed + 2), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=_clip_tokenizer(), unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny Stable Diffusion 1.x-style pipeline (one text encoder) to ``folder``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+        in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    tokenizer = _clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(ch, -2.0) for ch in _CHARS]
+    pieces += [("\u2581" + ch, -1.5) for ch in _CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def build_tiny_flux(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny FLUX.1 pipeline (2 double and 2 single blocks) to ``folder``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    )
+    clip_tokenizer = _clip_tokenizer()
+    t5_tokenizer = _t5_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_clip_config(len(clip_tokenizer)))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37,
+                                             num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=8, sample_size=32,
+                        use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=text_encoder, tokenizer=clip_tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
+                        transformer=transformer)
+    pipe.save_pretrained(folder)
+    return str(folder)
