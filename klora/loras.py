@@ -1,0 +1,344 @@
+"""Any LoRA file -> a named adapter on a denoiser (UNet or FLUX transformer).
+
+Format conversion is diffusers' (``lora_state_dict`` of the pipeline class);
+the adapter layers are PEFT's (``load_lora_adapter``). What this module adds:
+safe file resolution, clear errors before anything touches the model, and an
+exact per-layer ``alpha / rank`` (diffusers alone collapses differing kohya
+alphas to the most common one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_LORA_MARKERS = ("lora_A", "lora_B", "lora.down", "lora.up", "lora_down", "lora_up",
+                 "lora_linear_layer", "_lora.down", "_lora.up", "lora_te", "lora_unet")
+
+
+class LoRAError(ValueError):
+    """A user-facing problem with a LoRA file: one line that says what to fix."""
+
+
+@dataclass
+class LoRAFile:
+    """A LoRA read from disk: its tensors, safetensors metadata and where it came from."""
+
+    label: str  # "content LoRA 'lora-dog/pytorch_lora_weights.safetensors'"
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DenoiserAdapter:
+    """A LoRA in PEFT naming for one denoiser, with its exact per-layer config."""
+
+    state_dict: dict[str, torch.Tensor]  # "<module path>.lora_A.weight" -> tensor
+    config: dict  # LoraConfig keyword arguments
+    text_encoder_state_dicts: dict[str, dict[str, torch.Tensor]]  # "text_encoder" -> PEFT-named dict
+    text_encoder_alphas: dict | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return self.config["target_modules"]
+
+
+def resolve(name_or_path: str | os.PathLike, weight_name: str | None = None, role: str = "LoRA") -> Path:
+    """A local .safetensors file for a file path, a folder, or a hub repo id."""
+    if name_or_path is None or str(name_or_path).strip() == "":
+        raise LoRAError(f"{role}: no path or hub id given")
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        _refuse_pickle(path, role)
+        return path
+    if path.is_dir():
+        return _file_in_folder(path, weight_name, role)
+    if _looks_like_repo_id(text):
+        return _download(text, weight_name, role)
+    raise LoRAError(f"{role} '{text}': no such file or folder (and not a hub repo id)")
+
+
+def _refuse_pickle(path: Path, role: str) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoRAError(f"{role} '{path}': pickle files ({path.suffix}) can run code when loaded and are refused; "
+                        "use a .safetensors file")
+
+
+def _file_in_folder(folder: Path, weight_name: str | None, role: str) -> Path:
+    if weight_name:
+        candidate = folder / weight_name
+        if not candidate.is_file():
+            raise LoRAError(f"{role} '{folder}': has no file '{weight_name}'")
+        _refuse_pickle(candidate, role)
+        return candidate
+    default = folder / DEFAULT_WEIGHT_NAME
+    if default.is_file():
+        return default
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        hint = f" (only pickle files: {', '.join(pickles)}; they are refused)" if pickles else ""
+        raise LoRAError(f"{role} '{folder}': folder has no .safetensors file{hint}")
+    names = ", ".join(p.name for p in found)
+    raise LoRAError(f"{role} '{folder}': several .safetensors files ({names}); choose one with the weight name option")
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and " " not in text
+
+
+def _download(repo_id: str, weight_name: str | None, role: str) -> Path:
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    try:
+        if weight_name is None:
+            files = [f for f in list_repo_files(repo_id) if f.endswith(".safetensors")]
+            weight_name = DEFAULT_WEIGHT_NAME if DEFAULT_WEIGHT_NAME in files or len(files) != 1 else files[0]
+        if weight_name.lower().endswith(PICKLE_SUFFIXES):
+            _refuse_pickle(Path(weight_name), role)
+        return Path(hf_hub_download(repo_id, weight_name))
+    except LoRAError:
+        raise
+    except Exception as exc:  # offline, missing repo, missing file, auth: all say the same to the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoRAError(f"{role} '{repo_id}': not a local path, and the hub could not provide "
+                        f"'{weight_name or DEFAULT_WEIGHT_NAME}' ({type(exc).__name__}: {reason[:160]})") from None
+
+
+def read(path: Path, role: str = "LoRA") -> LoRAFile:
+    """Read a .safetensors LoRA, refusing anything that is not a finite LoRA."""
+    from safetensors import safe_open
+
+    label = f"{role} '{path}'"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise LoRAError(f"{label}: not a readable safetensors file (truncated or corrupted? {_short(exc)})") from None
+    if not tensors:
+        raise LoRAError(f"{label}: the file holds no tensors")
+    if not any(marker in key for key in tensors for marker in _LORA_MARKERS):
+        example = next(iter(tensors))
+        raise LoRAError(f"{label}: not a LoRA (no lora_A/lora_B or lora_down/lora_up weights; first key "
+                        f"'{example}': a full model checkpoint?)")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoRAError(f"{label}: tensor '{key}' contains NaN or Inf values")
+    return LoRAFile(label=label, path=path, tensors=tensors, metadata=metadata)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def load_file(name_or_path, weight_name=None, role="LoRA") -> LoRAFile:
+    return read(resolve(name_or_path, weight_name, role), role)
+
+
+# --- conversion to PEFT naming -------------------------------------------------
+
+def family_of(denoiser) -> str:
+    """'unet' for Stable Diffusion UNets, 'transformer' for FLUX-style transformers."""
+    name = type(denoiser).__name__
+    if "UNet" in name:
+        return "unet"
+    if "Flux" in name:
+        return "transformer"
+    raise LoRAError(f"K-LoRA supports Stable Diffusion UNets and FLUX transformers, not {name}")
+
+
+def to_denoiser_adapter(lora: LoRAFile, denoiser) -> DenoiserAdapter:
+    """Convert any supported format to PEFT names for ``denoiser`` with exact alphas."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    family = family_of(denoiser)
+    tensors = dict(lora.tensors)
+    # The paper's training script saved "unet.unet.<module>" keys; one "unet." is one too many.
+    tensors = {(k[len("unet."):] if k.startswith("unet.unet.") else k): v for k, v in tensors.items()}
+    try:
+        if family == "unet":
+            from diffusers import StableDiffusionXLPipeline
+
+            converted, network_alphas = StableDiffusionXLPipeline.lora_state_dict(
+                tensors, unet_config=denoiser.config)
+        else:
+            from diffusers import FluxPipeline
+
+            converted, network_alphas = FluxPipeline.lora_state_dict(tensors, return_alphas=True)
+    except LoRAError:
+        raise
+    except Exception as exc:
+        raise LoRAError(f"{lora.label}: diffusers cannot read this LoRA format ({_short(exc)})") from None
+
+    prefix = family + "."
+    ours = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
+    if not ours and not any(k.startswith(("text_encoder", "te_", "lora_te")) for k in converted):
+        # FLUX community files sometimes arrive without any prefix.
+        ours = {k: v for k, v in converted.items() if not k.startswith("text_encoder")}
+    if not ours:
+        raise LoRAError(f"{lora.label}: has no {family} layers (only text-encoder weights?)")
+
+    # Alphas can sit in three places: tensors named "<module>.alpha", the network_alphas
+    # returned by kohya conversion, or a PEFT LoraConfig in the safetensors metadata.
+    alpha_tensors = {k[: -len(".alpha")]: float(v) for k, v in ours.items() if k.endswith(".alpha")}
+    ours = {k: v for k, v in ours.items() if not k.endswith(".alpha")}
+    if "lora_A" not in next(iter(ours)):
+        ours = convert_unet_state_dict_to_peft(ours)
+    module_alphas = {}
+    for name, value in alpha_tensors.items():
+        module_alphas[_module_of(_peft_name(name))] = value
+    if network_alphas:
+        for key, value in network_alphas.items():
+            if not key.startswith(prefix):
+                continue
+            down_key = key[len(prefix):]
+            if down_key.endswith(".alpha"):
+                down_key = down_key[: -len(".alpha")]
+            module_alphas[_module_of(_peft_name(down_key))] = float(value)
+
+    ranks = {}
+    for key, tensor in ours.items():
+        if key.endswith(".lora_A.weight"):
+            ranks[key[: -len(".lora_A.weight")]] = int(tensor.shape[0])
+    if not ranks:
+        raise LoRAError(f"{lora.label}: no lora_A / lora_down weights for the {family}")
+    config = _exact_config(ranks, module_alphas, _metadata_config(lora, family))
+
+    text_encoders = {}
+    for te in ("text_encoder", "text_encoder_2"):
+        part = {k[len(te) + 1:]: v for k, v in converted.items() if k.startswith(te + ".")}
+        if part:
+            text_encoders[te] = part
+    te_alphas = {k: v for k, v in (network_alphas or {}).items() if k.startswith("text_encoder")}
+    return DenoiserAdapter(state_dict=ours, config=config, text_encoder_state_dicts=text_encoders,
+                           text_encoder_alphas=te_alphas or None)
+
+
+def _peft_name(key: str) -> str:
+    """Map an old-style name ('...to_q_lora.down.weight', '...lora.down') to PEFT naming."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    probe = key if key.endswith(".weight") else key + ".lora.down.weight"
+    return next(iter(convert_unet_state_dict_to_peft({probe: torch.zeros(1)})))
+
+
+def _module_of(peft_key: str) -> str:
+    return peft_key.split(".lora_A")[0].split(".lora_B")[0]
+
+
+def _metadata_config(lora: LoRAFile, family: str) -> dict | None:
+    raw = lora.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        packed = json.loads(raw)
+    except ValueError:
+        return None
+    prefix = family + "."
+    config = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+    return config or None
+
+
+def _exact_config(ranks: dict[str, int], alphas: dict[str, float], metadata: dict | None) -> dict:
+    """LoraConfig kwargs that give every module exactly its own alpha / rank."""
+    from peft import LoraConfig
+
+    meta_config = None
+    if metadata is not None and not alphas:
+        allowed = LoraConfig.__dataclass_fields__
+        meta_config = LoraConfig(**{k: v for k, v in metadata.items() if k in allowed})
+
+    per_module_alpha = {}
+    for module, rank in ranks.items():
+        if module in alphas:
+            per_module_alpha[module] = alphas[module]
+        elif meta_config is not None:
+            per_module_alpha[module] = _config_alpha(meta_config, module, rank)
+        else:
+            per_module_alpha[module] = float(rank)  # diffusers convention: no alpha means scale 1
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = Counter(per_module_alpha.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": {_exact(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {_exact(m): v for m, v in per_module_alpha.items() if v != lora_alpha},
+        "target_modules": sorted(ranks),
+        "use_rslora": bool(meta_config.use_rslora) if meta_config is not None else False,
+    }
+
+
+def _exact(module: str) -> str:
+    """A PEFT rank/alpha pattern that matches this one module path and nothing else."""
+    import re
+
+    return "^" + re.escape(module) + "$"
+
+
+def _config_alpha(config, module: str, rank: int) -> float:
+    """The alpha a PEFT LoraConfig gives ``module``, in units where scale = alpha / rank."""
+    import re
+
+    alpha = config.lora_alpha
+    for pattern, value in (config.alpha_pattern or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module) or re.fullmatch(pattern.strip("^$"), module):
+            alpha = value
+    return float(alpha)  # with use_rslora PEFT divides by sqrt(rank) itself
+
+
+# --- checks and loading -------------------------------------------------------
+
+def check_fits(adapter: DenoiserAdapter, denoiser, label: str) -> None:
+    """Every layer the LoRA names must exist in ``denoiser`` with matching shapes."""
+    modules = dict(denoiser.named_modules())
+    kind = type(denoiser).__name__
+    missing = [m for m in adapter.modules if m not in modules]
+    if len(missing) == len(adapter.modules):
+        raise LoRAError(f"{label}: none of its {len(missing)} layers exist in this {kind} (e.g. '{missing[0]}'); "
+                        "is it a LoRA for another base model?")
+    if missing:
+        raise LoRAError(f"{label}: {len(missing)} of its {len(adapter.modules)} layers do not exist in this {kind} "
+                        f"(e.g. '{missing[0]}'); is it a LoRA for another base model?")
+    for module in adapter.modules:
+        target = modules[module]
+        base = getattr(target, "base_layer", target)
+        A = adapter.state_dict.get(f"{module}.lora_A.weight")
+        B = adapter.state_dict.get(f"{module}.lora_B.weight")
+        if A is None or B is None:
+            raise LoRAError(f"{label}: layer '{module}' has only one of its two LoRA matrices")
+        if not isinstance(base, torch.nn.Linear):
+            continue  # conv LoRAs are loaded as they are and are never K-LoRA candidates
+        if A.shape[-1] != base.in_features or B.shape[0] != base.out_features:
+            raise LoRAError(f"{label}: layer '{module}' is {base.in_features}->{base.out_features} in this {kind} "
+                            f"but {A.shape[-1]}->{B.shape[0]} in the LoRA; is it a LoRA for another base model?")
+
+
+def load_adapter(denoiser, adapter: DenoiserAdapter, adapter_name: str, label: str, pipeline=None) -> None:
+    """Attach ``adapter`` to ``denoiser`` under ``adapter_name`` via diffusers/PEFT."""
+    check_fits(adapter, denoiser, label)
+    try:
+        with warnings.catch_warnings():
+            # PEFT warns whenever a second adapter joins a model; two adapters is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            denoiser.load_lora_adapter(dict(adapter.state_dict), prefix=None, adapter_name=adapter_name,
+                                       metadata=dict(adapter.config), _pipeline=pipeline)
+    except Exception as exc:
+        if adapter_name in getattr(denoiser, "peft_config", {}):
+            denoiser.delete_adapters(adapter_name)
+        raise LoRAError(f"{label}: could not be loaded ({_short(exc)})") from None

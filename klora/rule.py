@@ -1,0 +1,108 @@
+"""The K-LoRA selection rule (Ouyang, Li, Hou, CVPR 2025), in plain torch.
+
+For one linear layer that both LoRAs adapt, with dense updates
+``dW_c = scale_c * B_c @ A_c`` and ``dW_s = scale_s * B_s @ A_s``:
+
+    K    = r_c * r_s
+    S_c  = sum of the K largest |dW_c|        S_s likewise
+    gamma: trimmed mean over layers of sum|dW_c| / sum|dW_s|
+    p    = t / T                               (step index over step count)
+    s(p) = alpha * p + beta                    pattern "s"
+    s(p) = (alpha * p + beta) mod alpha        pattern "s*"
+    use the content LoRA if S_c / gamma > S_s * s(p), else the style LoRA.
+
+Nothing here knows about diffusers; ``klora.fusion`` feeds it layers and steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PATTERNS = ("s", "s*")
+DEFAULT_ALPHA = 1.5
+# Outliers are layers whose ratio is at least this many times the mean ratio.
+GAMMA_OUTLIER_FACTOR = 3.0
+
+
+def default_beta(pattern: str, alpha: float = DEFAULT_ALPHA) -> float:
+    """The paper's beta: 0.5 for ``s``; 0.85 * alpha for ``s*`` (1.275 at alpha 1.5)."""
+    check_pattern(pattern)
+    return 0.5 if pattern == "s" else 0.85 * alpha
+
+
+def check_pattern(pattern: str) -> None:
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
+
+
+def dense_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * B @ A`` in float32, whatever dtype the adapter is stored in."""
+    return float(scale) * (lora_B.float() @ lora_A.float())
+
+
+def topk_sum(delta: torch.Tensor, k: int) -> float:
+    """Sum of the ``k`` largest absolute values of ``delta`` (all of them if it has fewer)."""
+    flat = delta.detach().abs().flatten().float()
+    k = min(int(k), flat.numel())
+    return float(torch.topk(flat, k, sorted=False).values.sum())
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What the rule needs to know about one layer, computed once from the weights."""
+
+    k: int
+    content_topk_sum: float
+    style_topk_sum: float
+    content_abs_sum: float
+    style_abs_sum: float
+
+    @property
+    def ratio(self) -> float:
+        return self.content_abs_sum / self.style_abs_sum if self.style_abs_sum > 0 else float("inf")
+
+
+def layer_stats(content_delta: torch.Tensor, style_delta: torch.Tensor,
+                content_rank: int, style_rank: int) -> LayerStats:
+    k = int(content_rank) * int(style_rank)
+    return LayerStats(
+        k=k,
+        content_topk_sum=topk_sum(content_delta, k),
+        style_topk_sum=topk_sum(style_delta, k),
+        content_abs_sum=float(content_delta.abs().sum()),
+        style_abs_sum=float(style_delta.abs().sum()),
+    )
+
+
+def gamma_from_ratios(ratios: list[float]) -> float:
+    """Trimmed mean of per-layer content/style L1 ratios (the official code's gamma).
+
+    One pass: drop ratios at or above 3x their mean, average the rest. With no
+    layer in common the two LoRAs are never compared, so any value works: 1.0.
+    """
+    finite = [r for r in ratios if r == r and r != float("inf")]
+    if not finite:
+        return 1.0
+    mean = sum(finite) / len(finite)
+    kept = [r for r in finite if r < GAMMA_OUTLIER_FACTOR * mean]
+    return sum(kept) / len(kept) if kept else mean
+
+
+def scale_at(progress: float, pattern: str, alpha: float, beta: float) -> float:
+    """The step-dependent weight of the style side, s(p)."""
+    check_pattern(pattern)
+    value = alpha * progress + beta
+    return value % alpha if pattern == "s*" else value
+
+
+def prefers_content(content_topk_sum: float, style_topk_sum: float, gamma: float, scale: float) -> bool:
+    """Eq. of the paper: content wins while S_c / gamma > S_s * s(p)."""
+    return content_topk_sum / gamma > style_topk_sum * scale
+
+
+def content_mask(content_topk_sums: torch.Tensor, style_topk_sums: torch.Tensor,
+                 gamma: float, scale: float) -> torch.Tensor:
+    """``prefers_content`` for many layers at once (float64, same arithmetic)."""
+    return (content_topk_sums / gamma) > (style_topk_sums * scale)
