@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import loras, rule
+from .errors import KLoRAError
 from .loras import LoRAError
 
 METHODS = ("klora", "merge", "content", "style")
@@ -51,10 +52,10 @@ class KLoRA:
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self.set_schedule(pattern, alpha, beta)
         if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+            raise KLoRAError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         existing = getattr(self.denoiser, "peft_config", {}) or {}
         if any(name in existing for name in ADAPTER_NAMES.values()):
-            raise ValueError("K-LoRA is already attached to this model; call detach() on it first")
+            raise KLoRAError("K-LoRA is already attached to this model; call detach() on it first")
         self._had_adapters = bool(existing)
         self._max_generations = max_logged_generations
         self.generations: list[_Generation] = []
@@ -132,7 +133,7 @@ class KLoRA:
                           "(text_encoder_lora=True / --text_encoder_lora applies them)", stacklevel=4)
             return []
         if self.pipeline is None:
-            raise ValueError("text-encoder LoRA weights need the pipeline, not only its denoiser")
+            raise KLoRAError("text-encoder LoRA weights need the pipeline, not only its denoiser")
         done = []
         for role in carrying:
             for te_name, part in adapters[role].text_encoder_state_dicts.items():
@@ -160,20 +161,21 @@ class KLoRA:
     def set_schedule(self, pattern=None, alpha=None, beta=None) -> None:
         """Change pattern / alpha / beta; beta=None takes the pattern's default."""
         pattern = self.pattern if pattern is None else pattern
-        rule.check_pattern(pattern)
+        if pattern not in rule.PATTERNS:
+            raise KLoRAError(f"pattern must be one of {', '.join(rule.PATTERNS)}, got {pattern!r}")
         alpha = rule.DEFAULT_ALPHA if alpha is None else float(alpha)
         if not (alpha > 0 and alpha < float("inf")):
-            raise ValueError(f"alpha must be a positive number, got {alpha}")
+            raise KLoRAError(f"alpha must be a positive number, got {alpha}")
         beta = rule.default_beta(pattern, alpha) if beta is None else float(beta)
         if beta != beta or abs(beta) == float("inf"):
-            raise ValueError(f"beta must be a finite number, got {beta}")
+            raise KLoRAError(f"beta must be a finite number, got {beta}")
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self._current_step = None  # re-decide on the next call
 
     def set_method(self, method: str) -> None:
         """klora (the rule), merge (both LoRAs everywhere), content or style (one LoRA only)."""
         if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+            raise KLoRAError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
         for module, role in self._only_layers:
             on = method in ("klora", "merge", role)
@@ -398,7 +400,7 @@ class _TimestepProgress:
 
 def _progress_source(pipeline, denoiser, family, num_inference_steps):
     if num_inference_steps is not None and int(num_inference_steps) < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        raise KLoRAError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     fallback = _TimestepProgress(num_inference_steps or 50)
     if pipeline is None:
         return fallback

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import KLoRAError
+
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LORA_MARKERS = ("lora_A", "lora_B", "lora.down", "lora.up", "lora_down", "lora_up",
                  "lora_linear_layer", "_lora.down", "_lora.up", "lora_te", "lora_unet")
 
 
-class LoRAError(ValueError):
+class LoRAError(KLoRAError):
     """A user-facing problem with a LoRA file: one line that says what to fix."""
 
 

@@ -151,3 +151,37 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0) -> str:
                         transformer=transformer)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def write_demo_loras(denoiser, folder: str | os.PathLike, rank: int = 8, seed: int = 0) -> tuple[str, str]:
+    """Two synthetic rank-``rank`` LoRAs on every attention projection of ``denoiser``.
+
+    Their magnitudes drift in opposite directions through the network, so the
+    K-LoRA selection map shows both LoRAs winning somewhere. Written in the
+    current diffusers format (``<prefix>.<module>.lora_A.weight``, alpha in
+    the metadata), i.e. what ``save_lora_weights`` produces.
+    """
+    import json
+    import re
+
+    from safetensors.torch import save_file
+
+    prefix = "unet" if "UNet" in type(denoiser).__name__ else "transformer"
+    names = [n for n, m in denoiser.named_modules()
+             if isinstance(m, torch.nn.Linear) and re.search(r"\.(to_q|to_k|to_v|to_out\.0)$", n)]
+    modules = dict(denoiser.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for role, tilt in (("content", 1.0), ("style", -1.0)):
+        tensors = {}
+        for i, name in enumerate(names):
+            linear = modules[name]
+            depth = i / max(1, len(names) - 1) - 0.5
+            strength = 0.05 * (1.0 + 0.8 * tilt * depth)
+            tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=gen) * strength
+            tensors[f"{prefix}.{name}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=gen) * strength
+        config = {f"{prefix}.r": rank, f"{prefix}.lora_alpha": rank, f"{prefix}.target_modules": names}
+        path = os.path.join(folder, f"demo_{role}_lora.safetensors")
+        save_file(tensors, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny pipelines written once per test session, loaded like real ones."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    from klora.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> str:
+    from klora.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    from klora.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def demo_sdxl_loras(tiny_sdxl_dir, tmp_path_factory) -> tuple[str, str]:
+    """(content, style) synthetic rank-8 LoRAs for the tiny SDXL, diffusers format."""
+    from diffusers import UNet2DConditionModel
+
+    from klora.tiny import write_demo_loras
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    return write_demo_loras(unet, tmp_path_factory.mktemp("loras"))
+
+
+def run_script(script: str, *args: str, cwd=None, timeout: int = 300):
+    """Run one of the top-level scripts as a user would; returns CompletedProcess."""
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
