@@ -136,6 +136,9 @@ def check_config(config: TrainingConfig) -> list[Path]:
     if c.mixed_precision not in (None, *MIXED_PRECISION):
         raise KLoRAError(f"--mixed_precision {c.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
     _check_report_to(c.report_to)
+    _check_model(c.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "unet")
+    if c.pretrained_vae_model_name_or_path:
+        _check_model(c.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", None)
     if not c.instance_prompt:
         raise KLoRAError("--instance_prompt is required (e.g. 'a sbu dog': a rare token plus the class)")
     images = find_images(c.instance_data_dir, "--instance_data_dir")
@@ -160,6 +163,25 @@ def _check_report_to(report_to: str) -> None:
                                            or importlib.util.find_spec("tensorboardX")):
         raise KLoRAError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
                          "(or --report_to none)")
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is "org/name"; anything that exists, or starts like a path, is a folder."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _check_model(name: str, flag: str, subfolder: str | None) -> None:
+    if not name:
+        raise KLoRAError(f"{flag} is required (a hub id or a local folder)")
+    if not _looks_local(name):
+        return  # a hub id: diffusers will download it (or find it in the cache)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise KLoRAError(f"{flag} '{name}': no such folder")
+    expected = path / subfolder if subfolder else path / "config.json"
+    if not expected.exists():
+        raise KLoRAError(f"{flag} '{name}': not a diffusers {'SDXL pipeline' if subfolder else 'VAE'} folder "
+                         f"(no {expected.name})")
 
 
 def find_images(folder: str | os.PathLike, flag: str, must_exist: bool = True) -> list[Path]:
@@ -411,7 +433,8 @@ def save_checkpoint(accelerator, output_dir, global_step: int, total_limit: int 
     final = output_dir / f"checkpoint-{global_step}"
     partial = output_dir / f".checkpoint-{global_step}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in output_dir.glob(".checkpoint-*.partial"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         if total_limit is not None:
             existing = [p for p in list_checkpoints(output_dir) if p != final]
             for old in existing[:max(0, len(existing) + 1 - total_limit)]:
@@ -612,7 +635,9 @@ def load_models(c: TrainingConfig, device, weight_dtype) -> dict:
         else:
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
     except (OSError, ValueError) as exc:
-        raise KLoRAError(f"cannot load the model: {str(exc).splitlines()[0]}") from None
+        where = "local folder" if _looks_local(path) else "hub id (offline, misspelt, or gated?)"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise KLoRAError(f"could not load the SDXL model from this {where} '{path}': {first}") from None
     vae_dtype = weight_dtype if c.pretrained_vae_model_name_or_path else torch.float32
     models["vae"] = vae.to(device, dtype=vae_dtype)
     for name in ("unet", "text_encoder", "text_encoder_2"):

@@ -176,6 +176,7 @@ KILL_AFTER_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_images, tmp_path):
     # 5 images, batches of 1, 2 per optimiser step: steps of 2, 2, 1 batches per epoch;
     # the kill at step 4 lands inside the second epoch, after its first step.
@@ -228,7 +229,7 @@ def test_prior_preservation_and_text_encoder_training(tiny_sdxl_dir, square_imag
 
 
 @pytest.mark.slow
-def test_command_line_end_to_end(tiny_sdxl_dir, mixed_images, tmp_path):
+def test_command_line_end_to_end(tiny_sdxl_dir, mixed_images, demo_sdxl_loras, tmp_path):
     out = tmp_path / "lora-sdxl-dog"
     run = subprocess.run(
         [sys.executable, str(SCRIPT), f"--pretrained_model_name_or_path={tiny_sdxl_dir}",
@@ -256,10 +257,18 @@ def test_command_line_end_to_end(tiny_sdxl_dir, mixed_images, tmp_path):
     assert str(tiny_sdxl_dir) in card and PROMPT in card and "| rank | 8 |" in card
     assert "![final-0](validation/final-0.png)" in card
 
-    pipe = load_pipeline(tiny_sdxl_dir)
-    pipe.load_lora_weights(str(out))
-    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64).images[0]
-    assert image.size == (64, 64)
+    # Step 2 of the recipe: inference_sd.py fuses the new LoRA (as content) with a style LoRA.
+    import inference_sd
+    from klora import cli
+
+    _, style = demo_sdxl_loras
+    fused = tmp_path / "fused"
+    code = cli.run(inference_sd.main, [f"--pretrained_model_name_or_path={tiny_sdxl_dir}",
+                                       f"--lora_name_or_path_content={out}", f"--lora_name_or_path_style={style}",
+                                       f"--prompt={PROMPT} in szn style", "--height=64", "--width=64",
+                                       "--num_inference_steps=2", f"--output_folder={fused}"])
+    assert code == 0
+    assert Image.open(fused / "klora-sstar_seed0.png").size == (64, 64)
 
 
 # ------------------------------------------------------------- bad input
@@ -321,18 +330,20 @@ def test_bad_input_is_one_line_and_exit_code_2(bad_input_runs, case):
         assert any("a.txt, b.json" in line for line in stderr.splitlines() if line.startswith("warning: "))
 
 
-@pytest.mark.parametrize("case", ["model", "wandb", "tensorboard"])
+@pytest.mark.parametrize("case", ["model", "not a pipeline", "hub id offline", "wandb", "tensorboard"])
 def test_more_bad_input_through_the_scripts_main(tiny_sdxl_dir, mixed_images, tmp_path, capsys, case):
     """The script's own error handling (cli.run around main), in this process to save the imports."""
     import train_dreambooth_lora_sdxl as script
     from klora import cli
 
     args, expected = {
-        "model": ([f"--pretrained_model_name_or_path={tmp_path / 'no-model'}"], "cannot load the model"),
+        "model": ([f"--pretrained_model_name_or_path={tmp_path / 'no-model'}"], "no such folder"),
+        "not a pipeline": ([f"--pretrained_model_name_or_path={tmp_path}"], "not a diffusers SDXL pipeline folder"),
+        "hub id offline": (["--pretrained_model_name_or_path=someone/not-cached-sdxl"], "hub id (offline"),
         "wandb": (["--report_to=wandb"], "pip install wandb"),
         "tensorboard": (["--report_to=tensorboard"], "pip install tensorboard"),
     }[case]
-    if case != "model" and (importlib.util.find_spec(case) or importlib.util.find_spec(case + "X")):
+    if case in ("wandb", "tensorboard") and (importlib.util.find_spec(case) or importlib.util.find_spec(case + "X")):
         pytest.skip(f"{case} is installed here")
     code = cli.run(script.main, [*base_flags(tiny_sdxl_dir, tmp_path), f"--instance_data_dir={mixed_images}", *args])
     assert_one_error_line(code, capsys.readouterr().err, expected)
@@ -399,3 +410,7 @@ def test_checks_in_process(tmp_path, square_images):
     with pytest.raises(KLoRAError, match="needs --class_data_dir and --class_prompt"):
         training.check_config(config("model", square_images, tmp_path, with_prior_preservation=True))
     assert training.resolve_checkpoint(str(tmp_path), "latest") is None
+    for name in ("checkpoint-12", "checkpoint-3", ".checkpoint-20.partial"):
+        (tmp_path / name).mkdir()
+    assert training.resolve_checkpoint(str(tmp_path), "latest") == tmp_path / "checkpoint-12"
+    assert training.resolve_checkpoint(str(tmp_path), "checkpoint-3") == tmp_path / "checkpoint-3"  # in OUTPUT_DIR
