@@ -306,7 +306,8 @@ class DreamBoothImages:
         if self.center_crop:
             top, left = (height - res) // 2, (width - res) // 2
         else:
-            top, left = min(int(crop_y * (height - res + 1)), height - res), min(int(crop_x * (width - res + 1)), width - res)
+            top = min(int(crop_y * (height - res + 1)), height - res)
+            left = min(int(crop_x * (width - res + 1)), width - res)
         image = image.crop((left, top, left + res, top + res))
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -772,7 +773,7 @@ def write_model_card(c: TrainingConfig, output_dir: Path, global_step: int, imag
     alpha = c.lora_alpha if c.lora_alpha is not None else c.rank
     settings = {
         "base model": c.pretrained_model_name_or_path, "VAE": c.pretrained_vae_model_name_or_path or "the model's own",
-        "instance prompt": c.instance_prompt, "steps trained": global_step, "rank": c.rank, "alpha": alpha,
+        "instance prompt": c.instance_prompt, "steps trained": global_step, "rank": c.rank, "alpha": f"{alpha:g}",
         "LoRA layers": "UNet " + ", ".join(UNET_TARGETS) + (" + both text encoders" if c.train_text_encoder else ""),
         "resolution": c.resolution, "batch size": c.train_batch_size,
         "gradient accumulation": c.gradient_accumulation_steps, "learning rate": c.learning_rate,

@@ -62,7 +62,8 @@ def square_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mixed_images(tmp_path_factory) -> Path:
     """Sizes that need resizing and cropping; plus a file that is not an image."""
-    folder = write_images(tmp_path_factory.mktemp("data") / "mixed", [(80, 64), (64, 96), (64, 64), (72, 72), (128, 96)])
+    sizes = [(80, 64), (64, 96), (64, 64), (72, 72), (128, 96)]
+    folder = write_images(tmp_path_factory.mktemp("data") / "mixed", sizes)
     (folder / "notes.txt").write_text("not an image")
     return folder
 
@@ -182,7 +183,8 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_ima
     # the kill at step 4 lands inside the second epoch, after its first step.
     settings = dict(max_train_steps=8, train_batch_size=1, gradient_accumulation_steps=2,
                     lr_scheduler="linear", random_flip=True, checkpointing_steps=2, checkpoints_total_limit=2)
-    straight = train(config(tiny_sdxl_dir, mixed_images, tmp_path / "straight", **settings))
+    with pytest.warns(UserWarning, match="notes.txt"):
+        straight = train(config(tiny_sdxl_dir, mixed_images, tmp_path / "straight", **settings))
     assert sorted(p.name for p in training.list_checkpoints(tmp_path / "straight")) == ["checkpoint-6", "checkpoint-8"]
 
     killed = tmp_path / "killed"
@@ -198,7 +200,8 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_ima
 
     at_kill = lora_tensors(killed / "checkpoint-4" / "pytorch_lora_weights.safetensors")
 
-    resumed = train(config(tiny_sdxl_dir, mixed_images, killed, resume_from_checkpoint="latest", **settings))
+    with pytest.warns(UserWarning, match="notes.txt"):
+        resumed = train(config(tiny_sdxl_dir, mixed_images, killed, resume_from_checkpoint="latest", **settings))
     assert resumed.global_step == 8
     expected, got = lora_tensors(straight.weights), lora_tensors(resumed.weights)
     assert expected.keys() == got.keys()
@@ -212,12 +215,23 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_ima
 def test_prior_preservation_and_text_encoder_training(tiny_sdxl_dir, square_images, tmp_path):
     class_dir = tmp_path / "class"
     # 4 images in batches of 3: the second batch is a short one (1 instance + 1 class image).
-    result = train(config(tiny_sdxl_dir, square_images, tmp_path / "out", max_train_steps=2, train_batch_size=3,
-                          with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a dog",
-                          num_class_images=2, train_text_encoder=True))
+    with pytest.warns(UserWarning, match="no checkpoint in .*; starting a new run"):
+        result = train(config(tiny_sdxl_dir, square_images, tmp_path / "out", max_train_steps=2, train_batch_size=3,
+                              with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a dog",
+                              num_class_images=2, train_text_encoder=True, resume_from_checkpoint="latest",
+                              checkpointing_steps=1))
     assert sorted(p.name for p in class_dir.iterdir()) == ["class-0000.png", "class-0001.png"]
     keys = lora_tensors(result.weights).keys()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+
+    # Resuming restores the text encoders' LoRAs too (from a checkpoint path, into another folder).
+    resumed = train(config(tiny_sdxl_dir, square_images, tmp_path / "again", max_train_steps=2, train_batch_size=3,
+                           with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a dog",
+                           num_class_images=2, train_text_encoder=True,
+                           resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1")))
+    expected, got = lora_tensors(result.weights), lora_tensors(resumed.weights)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
     pipe = load_pipeline(tiny_sdxl_dir)
     with torch.no_grad():
