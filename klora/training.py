@@ -420,8 +420,10 @@ def load_lora(folder, unet, text_encoders=None) -> None:
             if not part:
                 raise RuntimeError(f"no {prefix} weights")
             result = set_peft_model_state_dict(model, to_peft(part), adapter_name="default")
-            if result.unexpected_keys:
-                raise RuntimeError(f"unexpected {result.unexpected_keys[0]}")
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if result.unexpected_keys or missing:
+                raise RuntimeError(f"{'unexpected' if result.unexpected_keys else 'missing'} "
+                                   f"{(result.unexpected_keys or missing)[0]}")
         except (RuntimeError, ValueError) as exc:
             raise KLoRAError(f"checkpoint '{folder}' does not fit this run ({str(exc).splitlines()[0]}); "
                              "were --rank or --train_text_encoder different?") from None
@@ -436,16 +438,15 @@ def save_checkpoint(accelerator, output_dir, global_step: int, total_limit: int 
     if accelerator.is_main_process:
         for stale in output_dir.glob(".checkpoint-*.partial"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-        if total_limit is not None:
-            existing = [p for p in list_checkpoints(output_dir) if p != final]
-            for old in existing[:max(0, len(existing) + 1 - total_limit)]:
-                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        if total_limit is not None:  # only now: a failed save must not cost an older checkpoint
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
