@@ -1,0 +1,272 @@
+"""Generate the paper's comparison: every content x style pair, every method, every seed.
+
+    python evaluate_grid.py --pairs pairs.json \
+      --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+      --num_images 10 --output_folder results
+
+    accelerate launch --multi_gpu --num_processes 4 evaluate_grid.py --pairs pairs.json ...
+
+    python evaluate_grid.py --demo          # tiny built-in model, synthetic LoRAs, no download
+
+Images go to results/images/<content>__<style>/<method>/seed<N>.png; finished images
+are skipped, so an interrupted run continues where it stopped. Grid pictures go to
+results/grids/. Score the folder with evaluate_metrics.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from klora import cli
+from klora import grid as G
+
+FAMILIES = {"sd": "unet", "flux": "transformer"}
+DEFAULTS = {"sd": dict(steps=50, guidance=5.0, size=1024), "flux": dict(steps=28, guidance=3.5, size=1024),
+            "demo": dict(steps=10, guidance=5.0, size=64)}
+DEMO_FOLDER = "demo_evaluation"
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description="Generate K-LoRA and baseline images for content x style pairs, "
+                                            "and the comparison grids.")
+    parser.add_argument("--pairs", help="pairs file (JSON; YAML with PyYAML): LoRAs, triggers, reference images")
+    parser.add_argument("--pretrained_model_name_or_path", help="base model: hub id or local diffusers folder")
+    parser.add_argument("--family", default="sd", choices=sorted(FAMILIES),
+                        help="sd: Stable Diffusion (XL, 1.x, 2.x); flux: FLUX.1 (default sd)")
+    parser.add_argument("--methods", nargs="+", default=list(G.METHODS), choices=list(G.METHODS), metavar="METHOD",
+                        help="any of " + ", ".join(G.METHODS) + " (default: all)")
+    parser.add_argument("--alpha", type=float, default=1.5, help="K-LoRA alpha (default 1.5)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="K-LoRA beta (default: 0.5 for klora-s, 0.85*alpha for klora-sstar)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one image per seed and method (default: 0)")
+    parser.add_argument("--num_images", type=int, default=None, help="seeds 0..N-1 (the paper: 10)")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="denoising steps (default 50 sd, 28 flux)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="guidance scale (default 5.0 sd, 3.5 flux)")
+    parser.add_argument("--negative_prompt", default=None, help="negative prompt for every image")
+    parser.add_argument("--height", type=int, default=None, help="image height (default 1024)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default 1024)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if present; under accelerate launch, each process's own device), cpu, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    parser.add_argument("--output_folder", default=None, help=f"results folder (default results, {DEMO_FOLDER} with --demo)")
+    parser.add_argument("--cell_size", type=int, default=256, help="pixels per image in the grid pictures (default 256)")
+    parser.add_argument("--no_grids", action="store_true", help="only generate images, draw no grid pictures")
+    parser.add_argument("--demo", action="store_true",
+                        help="no download: tiny built-in model, 2 x 2 synthetic LoRAs, coloured reference images")
+    return parser
+
+
+def check_arguments(args) -> None:
+    if args.demo and args.family != "sd":
+        raise cli.KLoRAError("--demo runs the tiny Stable Diffusion XL model; drop --family")
+    defaults = DEFAULTS["demo" if args.demo else args.family]
+    args.num_inference_steps = args.num_inference_steps or defaults["steps"]
+    args.guidance_scale = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
+    if args.num_inference_steps < 1:
+        raise cli.KLoRAError(f"--num_inference_steps {args.num_inference_steps}: must be at least 1")
+    if not (args.guidance_scale >= 0):
+        raise cli.KLoRAError(f"--guidance_scale {args.guidance_scale}: must be 0 or more")
+    if not (0 < args.alpha < float("inf")):
+        raise cli.KLoRAError(f"--alpha {args.alpha}: must be a positive number")
+    if args.beta is not None and not abs(args.beta) < float("inf"):
+        raise cli.KLoRAError(f"--beta {args.beta}: must be a finite number")
+    for name in ("height", "width"):
+        value = getattr(args, name) or defaults["size"]
+        if value < 8 or value % 8 or value > cli.MAX_SIDE:
+            raise cli.KLoRAError(f"--{name} {value}: must be a positive multiple of 8 (at most {cli.MAX_SIDE})")
+        setattr(args, name, value)
+    if args.num_images is not None:
+        if args.seeds is not None:
+            raise cli.KLoRAError("--seeds and --num_images: give one or the other")
+        if args.num_images < 1:
+            raise cli.KLoRAError(f"--num_images {args.num_images}: must be at least 1")
+        args.seeds = list(range(args.num_images))
+    args.seeds = args.seeds if args.seeds is not None else [0]
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise cli.KLoRAError("--seeds: non-negative, each seed once")
+    if len(set(args.methods)) != len(args.methods):
+        raise cli.KLoRAError("--methods: each method once")
+    if not 16 <= args.cell_size <= 2048:
+        raise cli.KLoRAError(f"--cell_size {args.cell_size}: between 16 and 2048, please")
+    if not args.demo:
+        if not args.pairs:
+            raise cli.KLoRAError("--pairs is required (or run --demo to try the tiny built-in model)")
+        if not args.pretrained_model_name_or_path:
+            raise cli.KLoRAError("--pretrained_model_name_or_path is required (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
+    args.output_folder = args.output_folder or (DEMO_FOLDER if args.demo else "results")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.demo and (args.pairs or args.pretrained_model_name_or_path):
+        raise cli.KLoRAError("--demo brings its own model, LoRAs and pairs; drop --pairs and the model")
+    check_arguments(args)
+    root = Path(args.output_folder).expanduser()
+    if not args.demo:
+        spec = G.load_pairs(args.pairs)  # every mistake in the file is found before anything is written
+
+    state = _process_state()
+    if args.demo:
+        if state.is_main_process:
+            _prepare_demo(args, root)
+        state.wait_for_everyone()
+        args.pretrained_model_name_or_path = str(root / "inputs" / "tiny-sdxl")
+        spec = G.load_pairs(root / "inputs" / "pairs.json")
+
+    settings = {"model": args.pretrained_model_name_or_path, "family": args.family,
+                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "height": args.height, "width": args.width, "negative_prompt": args.negative_prompt,
+                "alpha": args.alpha, "beta": args.beta}
+    record = G.merge_run_record(G.read_run_record(root) if root.is_dir() else None, settings, spec,
+                                f"results folder '{root}'")
+    jobs = G.plan(root, spec, args.methods, args.seeds)
+    todo = [job for job in jobs if not G.is_finished(job.path)]
+    # Every process has looked at the folder before any process writes to it:
+    # all of them see the same to-do list, so the split below loses and repeats nothing.
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _make_folder(root)
+        G.write_text_atomic(root / "run.json", _json(record))
+        print(f"{len(jobs)} images planned ({len(spec.pairs)} pairs x {len(args.methods)} methods x "
+              f"{len(args.seeds)} seeds): {len(jobs) - len(todo)} finished, {len(todo)} to generate"
+              + (f" on {state.num_processes} processes" if state.num_processes > 1 else ""), flush=True)
+    state.wait_for_everyone()
+
+    with state.split_between_processes(todo) as mine:
+        generated = _generate(list(mine), args, state) if mine else 0
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        print(f"process {state.process_index}: generated {generated} images", flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if not args.no_grids:
+            written = G.write_grids(root, spec, args.methods, args.seeds, G.Layout(cell=args.cell_size))
+            print(f"wrote {len(written)} grid pictures to {root / 'grids'}")
+        missing = [job.path for job in jobs if not G.is_finished(job.path)]
+        if missing:
+            raise cli.KLoRAError(f"{len(missing)} planned images are missing (first: {missing[0]}); run again to resume")
+        print(f"done: {len(jobs)} images in {root / 'images'}; score them with "
+              f"python evaluate_metrics.py --results {root}")
+
+
+def _generate(jobs: list, args, state) -> int:
+    """Generate this process's share, attaching each pair's LoRAs once."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from klora.fusion import KLoRA
+    from klora.pipelines import load_pipeline
+
+    _quiet_loading()
+    device = args.device
+    if state.num_processes > 1 and device == "auto":
+        device = str(state.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, FAMILIES[args.family], device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(jobs), unit="image", disable=not state.is_main_process,
+               desc="generating" + (f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""))
+    done = 0
+    for pair in dict.fromkeys(job.pair for job in jobs):
+        mine = [job for job in jobs if job.pair == pair]
+        klora = KLoRA(pipe, pair.content.lora, pair.style.lora, content_weight_name=pair.content.weight_name,
+                      style_weight_name=pair.style.weight_name, alpha=args.alpha)
+        try:
+            for job in mine:
+                method, pattern = G.METHODS[job.method]
+                if method == "klora":
+                    klora.set_schedule(pattern, args.alpha, args.beta)
+                klora.set_method(method)
+                kwargs = dict(prompt=pair.prompt, num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                              generator=torch.Generator("cpu").manual_seed(job.seed))
+                if args.negative_prompt is not None:
+                    kwargs["negative_prompt"] = args.negative_prompt
+                image = pipe(**kwargs).images[0]
+                job.path.parent.mkdir(parents=True, exist_ok=True)
+                cli.save_png(image, job.path)
+                done += 1
+                bar.update(1)
+                # one flushed line per image: the processes share the terminal
+                if state.is_main_process:
+                    bar.write(f"wrote {job.path}")
+                    sys.stdout.flush()
+                else:
+                    print(f"wrote {job.path}", flush=True)
+        finally:
+            klora.detach()
+    bar.close()
+    return done
+
+
+def _quiet_loading() -> None:
+    """One progress bar (ours): not one per loaded component from diffusers and transformers."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _process_state():
+    """accelerate's view of the processes: one, or one per ``accelerate launch`` worker."""
+    import torch
+    from accelerate import PartialState
+
+    # Without a GPU accelerate only joins the workers of a launch when asked for CPU.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cli.KLoRAError(f"--output_folder '{folder}': cannot create it ({exc.strerror or exc})") from None
+
+
+def _json(record: dict) -> str:
+    import json
+
+    return json.dumps(record, indent=1) + "\n"
+
+
+def _prepare_demo(args, root: Path) -> None:
+    """Tiny SDXL, two content and two style LoRAs, coloured references and a pairs file in root/inputs."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from klora.tiny import build_tiny_sdxl, write_demo_loras
+
+    _quiet_loading()
+    inputs = root / "inputs"
+    model = inputs / "tiny-sdxl"
+    if (inputs / "pairs.json").is_file() and (model / "model_index.json").is_file():
+        return
+    print(f"demo: writing a tiny SDXL pipeline, four synthetic LoRAs and reference images to {inputs} "
+          "(random weights, no download)")
+    _make_folder(inputs)
+    build_tiny_sdxl(model)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    contents, styles = [], []
+    colours = {"dog": (200, 140, 60), "teapot": (90, 160, 90), "waves": (40, 90, 200), "sunset": (230, 90, 40)}
+    for seed, (c_name, s_name) in enumerate((("dog", "waves"), ("teapot", "sunset"))):
+        folder = inputs / f"loras-{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        content, style = write_demo_loras(unet, folder, seed=seed)
+        for name, lora, group in ((c_name, content, contents), (s_name, style, styles)):
+            picture = Image.new("RGB", (64, 64), colours[name])
+            ImageDraw.Draw(picture).ellipse([16, 16, 48, 48], fill=(250, 250, 250))
+            picture.save(inputs / f"{name}.png")
+            group.append({"name": name, "lora": os.path.relpath(lora, inputs), "trigger": f"sks {name}",
+                          "description": name, "images": [f"{name}.png"]})
+    pairs = {"prompt_template": "a {content} in {style} style", "contents": contents, "styles": styles}
+    G.write_text_atomic(inputs / "pairs.json", json.dumps(pairs, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    cli.quiet_libraries()
+    sys.exit(cli.run(main))
