@@ -28,7 +28,6 @@ from .errors import KLoRAError
 from .fusion import METHODS, KLoRA
 from .loras import LoRAError
 
-ROLES = ("content", "style")
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
 MAX_ALPHA = 10.0

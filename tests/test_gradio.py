@@ -321,6 +321,20 @@ def test_switching_loras_by_upload_and_path(app, reference, demo_sdxl_loras, req
     assert np.array_equal(pixels(image), pixels(reference(content, style, *SETTINGS[0])[0]))
 
 
+def test_uploads_only_refuses_typed_paths(app, demo_sdxl_loras):
+    import gradio as gr
+
+    from klora.app import build_app
+
+    _, studio, _ = app
+    page = build_app(studio, typed_lora_paths=False)  # not launched: its handler is called directly
+    switch_handler = next(fn.fn for fn in page.fns.values() if fn.api_name == "switch_loras")
+    klora_before = studio.klora
+    with pytest.raises(gr.Error, match="accepts uploaded .safetensors files only"):
+        switch_handler(demo_sdxl_loras[1], None, "", "", None, "")
+    assert studio.klora is klora_before
+
+
 # --- queue and cancel --------------------------------------------------------------
 
 @pytest.mark.slow
