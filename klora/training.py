@@ -459,16 +459,19 @@ def train(config: TrainingConfig) -> TrainingResult:
     instance_images = check_config(config)
 
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     c = config
     output_dir = Path(c.output_dir)
+    # SDXL reads the first text encoder's penultimate layer, so the LoRA on its last layer gets
+    # no gradient; data-parallel training must be told that this is expected.
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if c.train_text_encoder else []
     accelerator = Accelerator(
         gradient_accumulation_steps=c.gradient_accumulation_steps, mixed_precision=c.mixed_precision,
-        log_with=None if c.report_to == "none" else c.report_to,
+        log_with=None if c.report_to == "none" else c.report_to, kwargs_handlers=unused,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
