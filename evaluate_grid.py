@@ -135,7 +135,10 @@ def main(argv=None) -> None:
     state.wait_for_everyone()
 
     with state.split_between_processes(todo) as mine:
-        generated = _generate(list(mine), args, state) if mine else 0
+        mine = list(mine)
+    with state.main_process_first():  # one download into the hub cache, then the others read it
+        pipe = _load(args, state) if mine else None
+    generated = _generate(pipe, mine, args, state) if mine else 0
     state.wait_for_everyone()
     if state.num_processes > 1:
         print(f"process {state.process_index}: generated {generated} images", flush=True)
@@ -151,20 +154,25 @@ def main(argv=None) -> None:
               f"python evaluate_metrics.py --results {root}")
 
 
-def _generate(jobs: list, args, state) -> int:
-    """Generate this process's share, attaching each pair's LoRAs once."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from klora.fusion import KLoRA
+def _load(args, state):
     from klora.pipelines import load_pipeline
 
     _quiet_loading()
     device = args.device
     if state.num_processes > 1 and device == "auto":
-        device = str(state.device)
+        device = str(state.device)  # this process's own GPU
     pipe = load_pipeline(args.pretrained_model_name_or_path, FAMILIES[args.family], device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, jobs: list, args, state) -> int:
+    """Generate this process's share, attaching each pair's LoRAs once."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from klora.fusion import KLoRA
+
     bar = tqdm(total=len(jobs), unit="image", disable=not state.is_main_process,
                desc="generating" + (f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""))
     done = 0

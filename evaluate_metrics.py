@@ -59,8 +59,9 @@ def main(argv=None) -> None:
         if args.demo:
             args.clip_model, args.dino_model = _demo_models(scratch)
         device = _device(args.device, state)
-        clip = ClipEmbedder(args.clip_model, device, args.batch_size)
-        dino = DinoEmbedder(args.dino_model, device, args.batch_size)
+        with state.main_process_first():  # one download into the hub cache, then the others read it
+            clip = ClipEmbedder(args.clip_model, device, args.batch_size)
+            dino = DinoEmbedder(args.dino_model, device, args.batch_size)
         with state.split_between_processes(items) as mine:
             rows, unreadable = _score(list(mine), clip, dino, args.batch_size, state)
         if state.num_processes > 1:
@@ -150,9 +151,10 @@ def _report(rows, unreadable, items, methods, root: Path, out: Path, args) -> No
     per_pair, per_method = M.summarize(rows)
     labels = {m: G.method_label(m) for m in methods}
     n_pairs = len({r["pair"] for r in rows})
+    models = ("tiny random CLIP and DINO of --demo: the numbers are meaningless" if args.demo
+              else f"CLIP: `{args.clip_model}`, DINO: `{args.dino_model}`")
     notes = [f"Cosine similarities in %, higher is better: {len(rows)} images of {n_pairs} pairs in `{root}`.",
-             f"CLIP: `{args.clip_model}`, DINO: `{args.dino_model}`"
-             + (" (tiny random models: the numbers are meaningless)" if args.demo else "") + ".",
+             f"Models: {models}.",
              "Each number is the mean over a pair's images, then over pairs. "
              "CLIP text-image compares each image with its prompt (trigger words replaced by descriptions)."]
     try:

@@ -111,8 +111,8 @@ def _load(cls, name_or_path: str, flag: str):
         return cls.from_pretrained(name_or_path)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise KLoRAError(f"{flag} '{name_or_path}': could not load it with {cls.__name__} "
-                         f"(offline, misspelt, or not this kind of model?): {first}") from None
+        raise KLoRAError(f"{flag} '{name_or_path}': could not load it with {cls.__name__} (offline, misspelt, "
+                         f"or not this kind of model? {flag} also takes a local folder): {first}") from None
 
 
 def _batches(items, size: int):
