@@ -314,9 +314,9 @@ def build_tiny_clip(folder, seed: int = 0) -> str:
     """A CLIP with the layout of ViT-B/32 at toy size (32 px images, patch 8), random weights."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from .tiny import _clip_tokenizer
+    from .tiny import clip_tokenizer
 
-    tokenizer = _clip_tokenizer()
+    tokenizer = clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
                          num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,

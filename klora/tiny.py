@@ -18,7 +18,7 @@ import torch
 _CHARS = [chr(c) for c in range(33, 127)]
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -70,7 +70,7 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> str:
         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
         cross_attention_dim=64, norm_num_groups=8,
     )
-    tokenizer = _clip_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer)))
@@ -78,7 +78,7 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> str:
                                        timestep_spacing="leading", steps_offset=1)
     pipe = StableDiffusionXLPipeline(
         vae=_vae(seed + 2), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=_clip_tokenizer(), unet=unet, scheduler=scheduler,
+        tokenizer=tokenizer, tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
     )
     pipe.save_pretrained(folder)
     return str(folder)
@@ -97,7 +97,7 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> str:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )
-    tokenizer = _clip_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -131,7 +131,7 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0) -> str:
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
     )
-    clip_tokenizer = _clip_tokenizer()
+    clip_tokenizer = clip_tokenizer()
     t5_tokenizer = _t5_tokenizer()
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_clip_config(len(clip_tokenizer)))
