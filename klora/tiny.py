@@ -131,10 +131,10 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0) -> str:
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
     )
-    clip_tokenizer = clip_tokenizer()
+    clip_tok = clip_tokenizer()
     t5_tokenizer = _t5_tokenizer()
     torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(_clip_config(len(clip_tokenizer)))
+    text_encoder = CLIPTextModel(_clip_config(len(clip_tok)))
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37,
                                              num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
@@ -146,7 +146,7 @@ def build_tiny_flux(folder: str | os.PathLike, seed: int = 0) -> str:
                         use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                        text_encoder=text_encoder, tokenizer=clip_tokenizer,
+                        text_encoder=text_encoder, tokenizer=clip_tok,
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
                         transformer=transformer)
     pipe.save_pretrained(folder)
