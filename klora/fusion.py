@@ -77,7 +77,7 @@ class KLoRA:
             self._remove_adapters(loaded)
             raise
 
-        self._collect_layers()
+        self._collect_layers(adapters)
         self._progress = _progress_source(self.pipeline, self.denoiser, self.family, num_inference_steps)
         self._signature = inspect.signature(self.denoiser.forward)
         self._hook = self.denoiser.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -89,7 +89,7 @@ class KLoRA:
 
     # --- setup -------------------------------------------------------------
 
-    def _collect_layers(self) -> None:
+    def _collect_layers(self, adapters) -> None:
         from peft.tuners.lora import LoraLayer
 
         content, style = ADAPTER_NAMES["content"], ADAPTER_NAMES["style"]
@@ -111,10 +111,15 @@ class KLoRA:
         if not self.paths:
             warnings.warn("the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
                           "choose, each LoRA is applied on its own layers", stacklevel=3)
+        # Statistics come from the LoRA tensors as read from the files (not the layers, which
+        # may sit on the meta device under sequential offload), on a GPU when there is one.
+        device = _stats_device(self.denoiser)
         stats = []
         with torch.no_grad():
-            for module in self._layers:
-                deltas = [_delta(module, ADAPTER_NAMES[role]) for role in ROLES]
+            for path, module in zip(self.paths, self._layers):
+                deltas = [_delta_from_adapter(adapters[role], path, device) for role in ROLES]
+                if any(d is None for d in deltas):  # a non-linear (conv) layer: ask PEFT
+                    deltas = [_delta(module, ADAPTER_NAMES[role]) for role in ROLES]
                 ranks = [module.r[ADAPTER_NAMES[role]] for role in ROLES]
                 stats.append(rule.layer_stats(deltas[0], deltas[1], ranks[0], ranks[1]))
                 del deltas
@@ -316,6 +321,21 @@ def _as_lora_file(source, weight_name, role) -> loras.LoRAFile:
 
         return loras.LoRAFile(label=f"{role} (state dict)", path=Path("<memory>"), tensors=dict(source))
     return loras.load_file(source, weight_name, role)
+
+
+def _stats_device(denoiser) -> torch.device:
+    for parameter in denoiser.parameters():
+        if parameter.device.type not in ("meta", "cpu"):
+            return parameter.device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor | None:
+    A = adapter.state_dict.get(f"{path}.lora_A.weight")
+    B = adapter.state_dict.get(f"{path}.lora_B.weight")
+    if A is None or B is None or A.dim() != 2 or B.dim() != 2:
+        return None
+    return rule.dense_delta(A.to(device), B.to(device), adapter.scales[path])
 
 
 def _delta(module, adapter: str) -> torch.Tensor:

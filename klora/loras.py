@@ -10,7 +10,9 @@ alphas to the most common one).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import torch
 
 from .errors import KLoRAError
 
+_UNET_BLOCK = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LORA_MARKERS = ("lora_A", "lora_B", "lora.down", "lora.up", "lora_down", "lora_up",
@@ -48,6 +51,7 @@ class DenoiserAdapter:
     config: dict  # LoraConfig keyword arguments
     text_encoder_state_dicts: dict[str, dict[str, torch.Tensor]]  # "text_encoder" -> PEFT-named dict
     text_encoder_alphas: dict | None = None
+    scales: dict[str, float] = field(default_factory=dict)  # module -> alpha / rank (what PEFT applies)
 
     @property
     def modules(self) -> list[str]:
@@ -172,6 +176,9 @@ def to_denoiser_adapter(lora: LoRAFile, denoiser) -> DenoiserAdapter:
     tensors = dict(lora.tensors)
     # The paper's training script saved "unet.unet.<module>" keys; one "unet." is one too many.
     tensors = {(k[len("unet."):] if k.startswith("unet.unet.") else k): v for k, v in tensors.items()}
+    if family == "transformer" and any(_UNET_BLOCK.search(k) for k in tensors):
+        raise LoRAError(f"{lora.label}: a Stable Diffusion UNet LoRA (layers like 'down_blocks'); is it a LoRA "
+                        "for another base model? (SD/SDXL LoRAs go to inference_sd.py)")
     try:
         if family == "unet":
             from diffusers import StableDiffusionXLPipeline
@@ -220,6 +227,7 @@ def to_denoiser_adapter(lora: LoRAFile, denoiser) -> DenoiserAdapter:
     if not ranks:
         raise LoRAError(f"{lora.label}: no lora_A / lora_down weights for the {family}")
     config = _exact_config(ranks, module_alphas, _metadata_config(lora, family))
+    scales = {m: _scale(config, m, r) for m, r in ranks.items()}
 
     text_encoders = {}
     for te in ("text_encoder", "text_encoder_2"):
@@ -227,7 +235,7 @@ def to_denoiser_adapter(lora: LoRAFile, denoiser) -> DenoiserAdapter:
         if part:
             text_encoders[te] = part
     te_alphas = {k: v for k, v in (network_alphas or {}).items() if k.startswith("text_encoder")}
-    return DenoiserAdapter(state_dict=ours, config=config, text_encoder_state_dicts=text_encoders,
+    return DenoiserAdapter(state_dict=ours, config=config, scales=scales, text_encoder_state_dicts=text_encoders,
                            text_encoder_alphas=te_alphas or None)
 
 
@@ -254,6 +262,12 @@ def _metadata_config(lora: LoRAFile, family: str) -> dict | None:
     prefix = family + "."
     config = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
     return config or None
+
+
+def _scale(config: dict, module: str, rank: int) -> float:
+    """alpha / rank for ``module`` under a config built by ``_exact_config``."""
+    alpha = config["alpha_pattern"].get(_exact(module), config["lora_alpha"])
+    return float(alpha) / (math.sqrt(rank) if config["use_rslora"] else rank)
 
 
 def _exact_config(ranks: dict[str, int], alphas: dict[str, float], metadata: dict | None) -> dict:

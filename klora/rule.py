@@ -44,9 +44,19 @@ def dense_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> tor
 
 def topk_sum(delta: torch.Tensor, k: int) -> float:
     """Sum of the ``k`` largest absolute values of ``delta`` (all of them if it has fewer)."""
-    flat = delta.detach().abs().flatten().float()
-    k = min(int(k), flat.numel())
-    return float(torch.topk(flat, k, sorted=False).values.sum())
+    return _topk_sum_of_abs(delta.detach().float().abs(), k)
+
+
+def _topk_sum_of_abs(magnitudes: torch.Tensor, k: int) -> float:
+    k = min(int(k), magnitudes.numel())
+    if magnitudes.dim() == 2 and magnitudes.shape[0] >= k and magnitudes.numel() > 16 * k:
+        # Exact shortcut: the k largest row maxima are k distinct entries, so every one of
+        # the k largest entries is at least the smallest of them. A full top-k over millions
+        # of entries is ~30x slower on a CPU than these two passes.
+        row_max = magnitudes.amax(dim=1)
+        threshold = torch.topk(row_max, k, sorted=False).values.min()
+        magnitudes = magnitudes[magnitudes >= threshold]
+    return float(torch.topk(magnitudes.flatten(), k, sorted=False).values.sum())
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,13 @@ class LayerStats:
 def layer_stats(content_delta: torch.Tensor, style_delta: torch.Tensor,
                 content_rank: int, style_rank: int) -> LayerStats:
     k = int(content_rank) * int(style_rank)
+    content_abs, style_abs = content_delta.detach().float().abs(), style_delta.detach().float().abs()
     return LayerStats(
         k=k,
-        content_topk_sum=topk_sum(content_delta, k),
-        style_topk_sum=topk_sum(style_delta, k),
-        content_abs_sum=float(content_delta.abs().sum()),
-        style_abs_sum=float(style_delta.abs().sum()),
+        content_topk_sum=_topk_sum_of_abs(content_abs, k),
+        style_topk_sum=_topk_sum_of_abs(style_abs, k),
+        content_abs_sum=float(content_abs.sum(dtype=torch.float64)),
+        style_abs_sum=float(style_abs.sum(dtype=torch.float64)),
     )
 
 

@@ -225,8 +225,6 @@ def test_an_sdxl_lora_on_flux_is_a_clear_error(flux_pipe, tiny_sdxl_dir, tmp_pat
     assert not any("lora" in type(m).__name__.lower() for m in pipe.transformer.modules())
 
 
-@pytest.mark.xfail(strict=True, reason="klora/loras.py passes diffusers' bare 'Incompatible keys detected' through; "
-                                       "needs an SD-UNet-names check for FLUX (see the FLUX report)")
 def test_an_sdxl_kohya_lora_on_flux_names_the_mismatch(flux_pipe, tiny_sdxl_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 

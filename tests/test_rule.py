@@ -72,3 +72,17 @@ def test_vectorised_mask_equals_scalar_rule():
     for scale in (0.0, 0.3, 1.0, 1.9):
         mask = rule.content_mask(c, s, 1.3, scale).tolist()
         assert mask == [rule.prefers_content(float(a), float(b), 1.3, scale) for a, b in zip(c, s)]
+
+
+@pytest.mark.parametrize("shape,k", [((300, 200), 64), ((50, 4000), 64), ((64, 64), 64), ((2000, 3), 16)])
+def test_topk_sum_shortcut_is_exact_on_structured_matrices(shape, k):
+    gen = torch.Generator().manual_seed(shape[0])
+    cases = [torch.randn(*shape, generator=gen),
+             torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)]
+    concentrated = torch.randn(*shape, generator=gen) * 0.01
+    concentrated[0] = 10.0  # every large value in one row, ties included
+    cases.append(concentrated)
+    cases.append(torch.ones(*shape))
+    for delta in cases:
+        expected = np.sort(np.abs(delta.numpy()).ravel())[::-1][:k].sum()
+        assert rule.topk_sum(delta, k) == pytest.approx(float(expected), rel=1e-5)
