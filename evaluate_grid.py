@@ -141,8 +141,7 @@ def main(argv=None) -> None:
     generated = _generate(pipe, mine, args, state) if mine else 0
     state.wait_for_everyone()
     if state.num_processes > 1:
-        print(f"process {state.process_index}: generated {generated} images", flush=True)
-    state.wait_for_everyone()
+        G.report_in_turn(state, f"process {state.process_index}: generated {generated} images")
     if state.is_main_process:
         if not args.no_grids:
             written = G.write_grids(root, spec, args.methods, args.seeds, G.Layout(cell=args.cell_size))

@@ -65,7 +65,7 @@ def main(argv=None) -> None:
         with state.split_between_processes(items) as mine:
             rows, unreadable = _score(list(mine), clip, dino, args.batch_size, state)
         if state.num_processes > 1:
-            print(f"process {state.process_index}: scored {len(rows)} images", flush=True)
+            G.report_in_turn(state, f"process {state.process_index}: scored {len(rows)} images")
 
     from accelerate.utils import gather_object
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -567,3 +568,13 @@ def write_grids(root, spec: Spec, methods: list[str], seeds: list[int], layout: 
         save_png(compose(pair_table(root, pair, methods, seeds), layout), path)
         written.append(path)
     return written
+
+
+def report_in_turn(state, line: str) -> None:
+    """Each process prints its line in rank order: lines from processes sharing one
+    stdout would otherwise interleave mid-line."""
+    for rank in range(state.num_processes):
+        if rank == state.process_index:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        state.wait_for_everyone()
