@@ -143,7 +143,7 @@ def _check_flux_arguments(args) -> None:
 
 def _prepare_demo(args, scratch: str) -> None:
     """Tiny FLUX + two synthetic LoRAs in ``scratch``; user flags still apply."""
-    from klora.tiny import build_tiny_flux, write_demo_loras
+    from klora.tiny import build_demo
 
     given = [flag for flag in ("pretrained_model_name_or_path", "lora_name_or_path_content",
                                "lora_name_or_path_style", "content_index", "style_index")
@@ -151,11 +151,7 @@ def _prepare_demo(args, scratch: str) -> None:
     if given:
         raise cli.KLoRAError(f"--demo brings its own model and LoRAs; drop --{given[0]}")
     print("demo: building a tiny FLUX pipeline and two synthetic LoRAs (random weights, no download)")
-    model = build_tiny_flux(os.path.join(scratch, "tiny-flux"))
-    from diffusers import FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
-    content, style = write_demo_loras(transformer, scratch)
+    model, content, style = build_demo(scratch, "transformer")
     args.pretrained_model_name_or_path = model
     args.lora_name_or_path_content, args.lora_name_or_path_style = content, style
     args.prompt = args.prompt or DEMO_PROMPT

@@ -91,16 +91,10 @@ def main(argv=None) -> None:
 
 def _prepare_demo(args, scratch: str) -> dict:
     """Tiny SDXL and two synthetic LoRAs in ``scratch``; returns the page's demo defaults."""
-    import os
-
-    from diffusers import UNet2DConditionModel
-
-    from klora.tiny import build_tiny_sdxl, write_demo_loras
+    from klora.tiny import build_demo
 
     print("demo: building a tiny SDXL pipeline and two synthetic LoRAs (random weights, no download)")
-    model = build_tiny_sdxl(os.path.join(scratch, "tiny-sdxl"))
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    content, style = write_demo_loras(unet, scratch)
+    model, content, style = build_demo(scratch, "unet")
     args.pretrained_model_name_or_path = model
     args.lora_name_or_path_content, args.lora_name_or_path_style = content, style
     args.family = "unet"

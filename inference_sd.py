@@ -57,16 +57,12 @@ def _prepare_demo(args, scratch: str) -> None:
     """Tiny SDXL + two synthetic LoRAs in ``scratch``; user flags still apply."""
     import os
 
-    from klora.tiny import build_tiny_sdxl, write_demo_loras
+    from klora.tiny import build_demo
 
     if args.pretrained_model_name_or_path or args.lora_name_or_path_content or args.lora_name_or_path_style:
         raise cli.KLoRAError("--demo brings its own model and LoRAs; drop the model and LoRA arguments")
     print("demo: building a tiny SDXL pipeline and two synthetic LoRAs (random weights, no download)")
-    model = build_tiny_sdxl(os.path.join(scratch, "tiny-sdxl"))
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    content, style = write_demo_loras(unet, scratch)
+    model, content, style = build_demo(scratch, "unet")
     args.pretrained_model_name_or_path = model
     args.lora_name_or_path_content, args.lora_name_or_path_style = content, style
     args.prompt = args.prompt or DEMO_PROMPT

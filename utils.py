@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from klora import loras, rule
-from klora.fusion import KLoRA
+from klora.fusion import KLoRA, split_target
 from klora.loras import LoRAError
 
 FLUX_DEFAULT_STEPS = 28
@@ -121,13 +121,7 @@ def _insert(target, content, style, *, content_weight_name, style_weight_name, a
 
 
 def _pipeline_and_denoiser(target):
-    for attr in ("unet", "transformer"):
-        denoiser = getattr(target, attr, None)
-        if isinstance(denoiser, torch.nn.Module):
-            return target, denoiser
-    if isinstance(target, torch.nn.Module):
-        return None, target
-    raise TypeError(f"expected a diffusers pipeline, UNet or FLUX transformer, got {type(target).__name__}")
+    return split_target(target)
 
 
 def _shared_layer_count(content: loras.LoRAFile, style: loras.LoRAFile, denoiser) -> int:

@@ -47,7 +47,7 @@ class KLoRA:
     def __init__(self, target, content, style, *, content_weight_name=None, style_weight_name=None,
                  pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None, method="klora",
                  num_inference_steps=None, text_encoder_lora=False, max_logged_generations=64):
-        self.pipeline, self.denoiser = _split_target(target)
+        self.pipeline, self.denoiser = split_target(target)
         self.family = loras.family_of(self.denoiser)
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self.set_schedule(pattern, alpha, beta)
@@ -92,7 +92,6 @@ class KLoRA:
     def _collect_layers(self, adapters) -> None:
         from peft.tuners.lora import LoraLayer
 
-        content, style = ADAPTER_NAMES["content"], ADAPTER_NAMES["style"]
         self.paths: list[str] = []  # layers both LoRAs adapt: K-LoRA chooses here
         self._layers = []
         self.only: dict[str, str] = {}  # layers one LoRA adapts: that one, always
@@ -303,7 +302,8 @@ def attach(target, content, style, **kwargs) -> KLoRA:
 
 # --- helpers -----------------------------------------------------------------
 
-def _split_target(target):
+def split_target(target):
+    """(pipeline or None, denoiser) for a pipeline, a UNet or a FLUX transformer."""
     for attr in ("unet", "transformer"):
         denoiser = getattr(target, attr, None)
         if isinstance(denoiser, torch.nn.Module):

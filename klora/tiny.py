@@ -185,3 +185,20 @@ def write_demo_loras(denoiser, folder: str | os.PathLike, rank: int = 8, seed: i
         save_file(tensors, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
         paths.append(path)
     return paths[0], paths[1]
+
+
+def build_demo(folder: str | os.PathLike, family: str = "unet") -> tuple[str, str, str]:
+    """What every ``--demo`` needs: a tiny SDXL (``family='unet'``) or FLUX
+    (``'transformer'``) pipeline and two demo LoRAs for it, written to ``folder``.
+    Returns (model folder, content LoRA, style LoRA)."""
+    if family == "unet":
+        from diffusers import UNet2DConditionModel as Denoiser
+
+        model = build_tiny_sdxl(os.path.join(folder, "tiny-sdxl"))
+    else:
+        from diffusers import FluxTransformer2DModel as Denoiser
+
+        model = build_tiny_flux(os.path.join(folder, "tiny-flux"))
+    denoiser = Denoiser.from_pretrained(model, subfolder=family)
+    content, style = write_demo_loras(denoiser, folder)
+    return model, content, style
