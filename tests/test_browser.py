@@ -31,16 +31,6 @@ DEMO_PROMPT = "a sbu dog in szn style"  # inference_gradio.DEMO_PROMPT
 SCREENSHOT = ROOT / "pictures" / "gradio_demo.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread here and in the server (exactly equal images need the same thread count;
-    on a busy 2-core machine two spinning OpenMP threads make tiny models 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

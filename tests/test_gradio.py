@@ -35,15 +35,6 @@ def pixels(image_or_path) -> np.ndarray:
 
 # --- the app and an independent reference ---------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from two threads, and on a busy 2-core machine two spinning
-    OpenMP threads make them 10x slower. Restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def app(tiny_sdxl_dir, demo_sdxl_loras):

@@ -19,17 +19,6 @@ from klora import metrics as M
 RED, GREEN, BLUE, GREY = (220, 30, 30), (30, 200, 60), (30, 60, 220), (128, 128, 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and two threads crawl on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _np_cosine_percent(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return 100.0 * float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))

@@ -29,15 +29,6 @@ PROMPT = "a sbu dog"
 TIME_IDS_64 = [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]  # original size, crop corner, target size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models run 3x faster on one thread when the CPU is shared with other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def subprocess_env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                 TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
