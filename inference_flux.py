@@ -143,24 +143,13 @@ def _check_flux_arguments(args) -> None:
 
 def _prepare_demo(args, scratch: str) -> None:
     """Tiny FLUX + two synthetic LoRAs in ``scratch``; user flags still apply."""
-    from klora.tiny import build_demo
-
     given = [flag for flag in ("pretrained_model_name_or_path", "lora_name_or_path_content",
                                "lora_name_or_path_style", "content_index", "style_index")
              if getattr(args, flag) is not None]
     if given:
         raise cli.KLoRAError(f"--demo brings its own model and LoRAs; drop --{given[0]}")
     print("demo: building a tiny FLUX pipeline and two synthetic LoRAs (random weights, no download)")
-    model, content, style = build_demo(scratch, "transformer")
-    args.pretrained_model_name_or_path = model
-    args.lora_name_or_path_content, args.lora_name_or_path_style = content, style
-    args.prompt = args.prompt or DEMO_PROMPT
-    args.default_size = 64
-    if args.output_folder == "output":
-        args.output_folder = os.path.join("demo_output", "flux")
-    if args.selection_log is None:
-        args.selection_log = os.path.join(args.output_folder, "selection_log.json")
-    args.device = "cpu" if args.device == "auto" else args.device
+    cli.use_demo(args, "transformer", scratch, DEMO_PROMPT, os.path.join("demo_output", "flux"))
 
 
 if __name__ == "__main__":

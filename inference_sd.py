@@ -55,25 +55,12 @@ def main(argv=None) -> None:
 
 def _prepare_demo(args, scratch: str) -> None:
     """Tiny SDXL + two synthetic LoRAs in ``scratch``; user flags still apply."""
-    import os
-
-    from klora.tiny import build_demo
-
     if args.pretrained_model_name_or_path or args.lora_name_or_path_content or args.lora_name_or_path_style:
         raise cli.KLoRAError("--demo brings its own model and LoRAs; drop the model and LoRA arguments")
     print("demo: building a tiny SDXL pipeline and two synthetic LoRAs (random weights, no download)")
-    model, content, style = build_demo(scratch, "unet")
-    args.pretrained_model_name_or_path = model
-    args.lora_name_or_path_content, args.lora_name_or_path_style = content, style
-    args.prompt = args.prompt or DEMO_PROMPT
-    args.default_size = 64
+    cli.use_demo(args, "unet", scratch, DEMO_PROMPT, "demo_output")
     if args.num_inference_steps == 50 and "--num_inference_steps" not in sys.argv:
         args.num_inference_steps = 20
-    if args.output_folder == "output":
-        args.output_folder = "demo_output"
-    if args.selection_log is None:
-        args.selection_log = os.path.join(args.output_folder, "selection_log.json")
-    args.device = "cpu" if args.device == "auto" else args.device
 
 
 if __name__ == "__main__":

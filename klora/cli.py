@@ -110,6 +110,26 @@ def check_arguments(args) -> None:
             raise KLoRAError("--prompt is required (include both LoRAs' trigger words)")
 
 
+def use_demo(args, family: str, scratch: str, prompt: str, output_folder: str) -> None:
+    """Point ``args`` at a tiny built-in model and two demo LoRAs written to ``scratch``.
+
+    Flags the user gave (prompt, output folder, selection log, device) still apply;
+    the demo only fills in what was left at its default.
+    """
+    from .tiny import build_demo
+
+    model, content, style = build_demo(scratch, family)
+    args.pretrained_model_name_or_path = model
+    args.lora_name_or_path_content, args.lora_name_or_path_style = content, style
+    args.prompt = args.prompt or prompt
+    args.default_size = 64
+    if args.output_folder == "output":
+        args.output_folder = output_folder
+    if args.selection_log is None:
+        args.selection_log = os.path.join(args.output_folder, "selection_log.json")
+    args.device = "cpu" if args.device == "auto" else args.device
+
+
 def method_tag(method: str, pattern: str) -> str:
     return f"klora-{'sstar' if pattern == 's*' else 's'}" if method == "klora" else method
 
