@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from klora import rule  # noqa: E402
 from klora.fusion import KLoRA  # noqa: E402
+from klora.tiny import write_demo_loras  # noqa: E402
 
 
 def sdxl_shaped_unet(full_size: bool):
@@ -55,13 +56,6 @@ def build_pipeline(folder: Path, full_size: bool):
     pipe.unet = sdxl_shaped_unet(full_size).eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def write_lora(unet, path: Path, rank: int, seed: int) -> None:
-    from klora.tiny import write_demo_loras
-
-    content, style = write_demo_loras(unet, path, rank=rank, seed=seed)
-    return content, style
 
 
 class OriginalStyleLayer(torch.nn.Module):
@@ -108,7 +102,7 @@ def install_original_style(unet, klora: KLoRA, steps: int):
                                                                 counter, total))
 
 
-def time_stats(full_size_shapes: bool, rank: int) -> tuple[int, float]:
+def time_stats(rank: int) -> tuple[int, float]:
     """One-time statistics for the 560 linears of the real SDXL UNet (shapes from the meta device)."""
     from accelerate import init_empty_weights
 
@@ -181,7 +175,7 @@ def main(argv=None):
 
     scratch = Path(tempfile.mkdtemp(prefix="klora-bench-"))
     pipe = build_pipeline(scratch / "model", args.full_size)
-    content, style = write_lora(pipe.unet, scratch, args.rank, seed=0)
+    content, style = write_demo_loras(pipe.unet, scratch, rank=args.rank, seed=0)
     pipe.to(args.device, dtype)
     n_linears = sum(1 for n, m in pipe.unet.named_modules()
                     if isinstance(m, torch.nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0")))
@@ -232,7 +226,7 @@ def main(argv=None):
         times["original per-call recompute"] = [generate() for _ in range(args.rounds)]
 
     base = statistics.median(times["base"])
-    n_stats, stats_s = time_stats(True, args.rank)
+    n_stats, stats_s = time_stats(args.rank)
     print(f"\nSDXL-shaped UNet ({'full' if args.full_size else '1/8'} width, {n_linears} attention linears), "
           f"{args.steps} steps, {args.height}x{args.width}, rank {args.rank}, {args.device} {args.dtype}, "
           f"torch threads {torch.get_num_threads()}, median of {args.rounds}\n")

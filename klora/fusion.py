@@ -339,11 +339,7 @@ def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor | None:
 
 
 def _delta(module, adapter: str) -> torch.Tensor:
-    """Dense ``scale * B @ A`` of one adapter, in float32."""
-    scale = float(module.scaling[adapter])
-    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    if A.dim() == 2 and B.dim() == 2:
-        return rule.dense_delta(A, B, scale)
+    """PEFT's dense update of one (convolution) adapter, in float32."""
     return module.get_delta_weight(adapter).float()
 
 

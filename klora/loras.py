@@ -346,8 +346,11 @@ def check_fits(adapter: DenoiserAdapter, denoiser, label: str) -> None:
 
 
 def load_adapter(denoiser, adapter: DenoiserAdapter, adapter_name: str, label: str, pipeline=None) -> None:
-    """Attach ``adapter`` to ``denoiser`` under ``adapter_name`` via diffusers/PEFT."""
-    check_fits(adapter, denoiser, label)
+    """Attach ``adapter`` to ``denoiser`` under ``adapter_name`` via diffusers/PEFT.
+
+    Call ``check_fits`` first (``KLoRA`` checks both LoRAs before loading either, so a
+    bad style LoRA never leaves the content LoRA half-attached).
+    """
     try:
         with warnings.catch_warnings():
             # PEFT warns whenever a second adapter joins a model; two adapters is the point here.
