@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="klora-demo-") as scratch:
         if args.demo:
-            _prepare_demo(args, scratch)
+            given = sys.argv[1:] if argv is None else argv
+            _prepare_demo(args, scratch, steps_given=any(a.startswith("--num_inference_steps") for a in given))
         cli.check_arguments(args)
         outputs = cli.plan_outputs(args)
 
@@ -53,13 +54,13 @@ def main(argv=None) -> None:
                   "not image quality.")
 
 
-def _prepare_demo(args, scratch: str) -> None:
+def _prepare_demo(args, scratch: str, steps_given: bool) -> None:
     """Tiny SDXL + two synthetic LoRAs in ``scratch``; user flags still apply."""
     if args.pretrained_model_name_or_path or args.lora_name_or_path_content or args.lora_name_or_path_style:
         raise cli.KLoRAError("--demo brings its own model and LoRAs; drop the model and LoRA arguments")
     print("demo: building a tiny SDXL pipeline and two synthetic LoRAs (random weights, no download)")
     cli.use_demo(args, "unet", scratch, DEMO_PROMPT, "demo_output")
-    if args.num_inference_steps == 50 and "--num_inference_steps" not in sys.argv:
+    if not steps_given:
         args.num_inference_steps = 20
 
 

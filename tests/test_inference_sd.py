@@ -210,3 +210,13 @@ def test_user_error_from_a_real_process_has_no_traceback(base_args, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_script("inference_sd.py", "--pattern", "q")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_demo_keeps_an_explicit_step_count_of_50(tmp_path, capsys):
+    """The demo shortens only the default 50 steps, not 50 asked for on the command line."""
+    code, _, err = _run(["--demo", "--num_inference_steps", "50", "--output_folder", str(tmp_path)], capsys)
+    assert code == 0, err
+    log = json.loads((tmp_path / "selection_log.json").read_text())
+    assert log["generations"][0]["num_inference_steps"] == 50
+    code, _, err = _run(["--demo", "--overwrite", "--output_folder", str(tmp_path)], capsys)
+    assert json.loads((tmp_path / "selection_log.json").read_text())["generations"][0]["num_inference_steps"] == 20
