@@ -1,0 +1,311 @@
+"""Video LoRA files that diffusers 0.42.1 cannot read, or reads wrongly, rewritten so that it reads them exactly.
+
+``prepare(tensors, loader, label)`` runs right before ``<Pipeline>.lora_state_dict(tensors)``. It renames keys
+(and folds ``alpha / rank`` where diffusers ignores it) so that diffusers' own converters do the conversion; it does
+not replace them. Families other than Wan and HunyuanVideo pass through unchanged.
+
+Wan (``WanLoraLoaderMixin``; SkyReels-V2 and Helios use the same converters):
+
+- musubi-tuner files (``lora_unet_blocks_0_self_attn_q.lora_down.weight`` + ``.alpha``): diffusers' musubi converter
+  needs all ten linears of every block 0..n-1 and raises ``KeyError`` on attention-only or block-subset files. Files
+  it accepts pass through; the others are renamed to the original Wan names
+  (``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` + ``.alpha``), which the non-diffusers converter takes
+  in any subset. Names are read against the table ``WAN_MODULES``, never by a blind ``_`` -> ``.`` replace.
+- Original/ComfyUI names: diffusers ignores ``.alpha`` outside the blocks (``time_projection``, ``head.head``,
+  ``text_embedding``, ``time_embedding``, ``img_emb``) and then raises; those alphas are folded into the factors.
+  Diffusers scales cross-attention and FFN factors in place (``*=``), which would change the caller's tensors:
+  those are copied first.
+- Full weight deltas (``.diff``) and biases of modules diffusers does not map are dropped by diffusers with at most
+  an info log. Decision: such a file is **loaded with a warning** that names how many deltas are not applied and
+  which layers they belong to (all-zero deltas, such as the zeroed norm deltas of distilled LoRAs, lose nothing and
+  are dropped without a word). A file with no low-rank layer left is refused. ``diff_b`` of mapped linears stay:
+  diffusers turns them into ``lora_B.bias``.
+
+HunyuanVideo (``HunyuanVideoLoraLoaderMixin``): diffusers converts original names only with ``lora_A``/``lora_B``,
+no ``.alpha``, and only when some key contains ``img_attn_qkv``. musubi-tuner files (``lora_unet_double_blocks_0_
+img_attn_qkv.lora_down.weight`` + ``.alpha``) and original names with ``lora_down``/``lora_up`` + ``.alpha`` raise
+"not enough values to unpack". They are rewritten to ``diffusion_model.<original module>.lora_A/lora_B.weight``
+with ``alpha / rank`` folded in. Two layers diffusers converts wrongly are written in the form its converter passes
+through: the token refiner's fused ``self_attn_qkv`` (diffusers splits lora_A along the rank) becomes three layers
+sharing A, and ``final_layer.adaLN_modulation.1`` (diffusers swaps the halves of lora_A as well as of lora_B, a
+silently wrong delta) becomes ``norm_out.linear`` with only B's (shift, scale) halves swapped. ``diff_b`` becomes
+``lora_B.bias``; ``.diff`` is dropped with the same warning as for Wan. A file without ``img_attn_qkv`` is converted
+here with diffusers' own converter, which ``lora_state_dict`` would skip.
+
+Folding ``alpha / rank``: A takes ``alpha / rank * 2**k`` and B ``2**-k`` (k balances their magnitudes), so B stays
+exact and A is rounded once, in its own dtype. ``prepare`` never changes the caller's dict or tensors. It raises
+``klora.loras.LoRAError`` for musubi-tuner names that are no layer of the model, a layer with only one factor, and a
+file with no low-rank layer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+
+WAN_LOADERS = ("WanLoraLoaderMixin", "SkyReelsV2LoraLoaderMixin", "HeliosLoraLoaderMixin")
+HUNYUAN_VIDEO_LOADERS = ("HunyuanVideoLoraLoaderMixin",)
+
+# Every linear of the original Wan model (Wan2.1 repo, wan/modules/model.py) that diffusers'
+# non-diffusers converter maps; {i} is a block index.
+WAN_MODULES = (
+    *(f"blocks.{{i}}.{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in ("q", "k", "v", "o")),
+    "blocks.{i}.cross_attn.k_img", "blocks.{i}.cross_attn.v_img",  # Wan 2.1 I2V only
+    "blocks.{i}.ffn.0", "blocks.{i}.ffn.2",
+    "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
+    "head.head", "img_emb.proj.1", "img_emb.proj.3",
+)
+# The ten per-block linears diffusers' musubi converter requires in every block 0..n-1.
+_MUSUBI_WAN_BLOCK = tuple(m.removeprefix("blocks.{i}.").replace(".", "_") for m in WAN_MODULES
+                          if m.startswith("blocks.") and "_img" not in m)
+
+# Every linear of the original HunyuanVideo model (HunyuanVideo repo, hyvideo/modules/models.py).
+HUNYUAN_VIDEO_MODULES = (
+    *(f"double_blocks.{{i}}.{s}_{m}" for s in ("img", "txt")
+      for m in ("attn_qkv", "attn_proj", "mlp.fc1", "mlp.fc2", "mod.linear")),
+    "single_blocks.{i}.linear1", "single_blocks.{i}.linear2", "single_blocks.{i}.modulation.linear",
+    "txt_in.input_embedder", "txt_in.t_embedder.mlp.0", "txt_in.t_embedder.mlp.2",
+    "txt_in.c_embedder.linear_1", "txt_in.c_embedder.linear_2",
+    *(f"txt_in.individual_token_refiner.blocks.{{i}}.{m}"
+      for m in ("self_attn_qkv", "self_attn_proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")),
+    "time_in.mlp.0", "time_in.mlp.2", "guidance_in.mlp.0", "guidance_in.mlp.2",
+    "vector_in.in_layer", "vector_in.out_layer", "img_in.proj",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)
+
+# loader -> (regex over module paths inside the denoiser, without "transformer.", anchored so that re.search and
+#            re.fullmatch agree; why those layers may be missing from a model the LoRA is otherwise fine for)
+_WAN_OPTIONAL = (
+    r"^(blocks\.\d+\.attn2\.add_[kv]_proj|condition_embedder\.image_embedder\..+)$",
+    "Wan 2.1 image-to-video layers (image cross-attention k_img/v_img, image embedder), "
+    "which text-to-video and Wan 2.2 models do not have",
+)
+OPTIONAL_LAYERS: dict[str, tuple[str, str]] = {
+    **{loader: _WAN_OPTIONAL for loader in WAN_LOADERS},
+    "HunyuanVideoLoraLoaderMixin": (
+        r"^time_text_embed\.guidance_embedder\..+$",
+        "HunyuanVideo guidance embedder, which models built with guidance_embeds=False do not have",
+    ),
+}
+
+_SUFFIX = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight"
+                     r"|alpha|diff|diff_b|dora_scale)")
+_DOWN = ("lora_A.weight", "lora_down.weight")
+_UP = ("lora_B.weight", "lora_up.weight")
+
+
+def prepare(tensors: dict[str, torch.Tensor], loader: str, label: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors ready for ``loader``'s ``lora_state_dict``, one-line warnings starting with ``label``)."""
+    if loader in WAN_LOADERS:
+        return _prepare_wan(tensors, label)
+    if loader in HUNYUAN_VIDEO_LOADERS:
+        return _prepare_hunyuan_video(tensors, label)
+    return tensors, []
+
+
+# --- Wan -----------------------------------------------------------------------
+
+
+def _prepare_wan(tensors, label):
+    if any(k.startswith("diffusion_model.") for k in tensors):
+        original = {k.removeprefix("diffusion_model."): v for k, v in tensors.items()}
+    elif any(k.startswith("lora_unet_") for k in tensors):
+        if _musubi_converter_accepts(tensors):
+            return tensors, []
+        original = _from_musubi(tensors, WAN_MODULES, "Wan", label)
+    else:
+        return tensors, []
+    original, warnings = _drop_unapplied_wan(original, label)
+    for module, parts in _by_module(original).items():
+        if "alpha" not in parts:
+            continue
+        if module.startswith("blocks."):
+            # diffusers multiplies these in place: give it our own copies, not the caller's tensors.
+            for suffix in parts:
+                original[f"{module}.{suffix}"] = parts[suffix].clone()
+        else:  # diffusers ignores alpha outside the blocks, then raises on the leftover key
+            down, up = _pair(parts)
+            if down is not None and up is not None:
+                A, B = _fold(parts[down], parts[up], float(original.pop(f"{module}.alpha")))
+                original[f"{module}.{down}"], original[f"{module}.{up}"] = A, B
+    return {f"diffusion_model.{k}": v for k, v in original.items()}, warnings
+
+
+def _musubi_converter_accepts(tensors) -> bool:
+    """Whether diffusers' musubi Wan converter reads this file: all ten linears of blocks 0..n-1, nothing else."""
+    keys = set(tensors)
+    blocks = {m[1] for k in keys if (m := re.match(r"lora_unet_blocks_(\d+)_", k))}
+    modules = list(_MUSUBI_WAN_BLOCK)
+    if any("k_img" in k for k in keys) and any("v_img" in k for k in keys):
+        modules += ["cross_attn_k_img", "cross_attn_v_img"]
+    expected = {f"lora_unet_blocks_{i}_{m}.{s}" for i in range(len(blocks)) for m in modules
+                for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    return keys == expected
+
+
+def _drop_unapplied_wan(original, label):
+    """Remove what diffusers' Wan converter would drop; warn about the non-zero part of it."""
+    linears = {m for m in _by_module(original) if _match(m, WAN_MODULES, ".")}
+    has_time_projection = any(k.startswith("time_projection") and k.endswith(".weight") for k in original)
+    is_i2v = any("k_img" in k for k in original) and any("v_img" in k for k in original)
+    with_up = {m for m, parts in _by_module(original).items() if _pair(parts)[1] is not None}
+
+    def applied(module, suffix):
+        if module.startswith("time_projection") and not has_time_projection:
+            return False  # diffusers drops every time_projection key when there is no weight
+        if suffix == "diff_b":
+            return (module in linears and (is_i2v or "_img" not in module)
+                    and (module in with_up or not module.startswith("img_emb")))
+        if suffix == "diff":  # diffusers turns this one into a LoRA with an identity lora_B
+            return module == "head.head" and "head.head.diff_b" in original
+        return suffix != "dora_scale"
+
+    kept, dropped = {}, []
+    for key, tensor in original.items():
+        m = _SUFFIX.fullmatch(key)
+        if m is None or applied(m[1], m[2]):
+            kept[key] = tensor
+        elif m[2] != "alpha" and bool(tensor.count_nonzero()):
+            dropped.append(key)
+    return kept, _refuse_or_warn(kept, dropped, label)
+
+
+# --- HunyuanVideo --------------------------------------------------------------
+
+
+def _prepare_hunyuan_video(tensors, label):
+    musubi = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    original = _from_musubi(musubi, HUNYUAN_VIDEO_MODULES, "HunyuanVideo", label)
+    others = {}
+    for key, tensor in tensors.items():
+        if key in musubi:
+            continue
+        prefix = next((p for p in ("diffusion_model.", "transformer.") if key.startswith(p)), "")
+        m = _SUFFIX.fullmatch(key.removeprefix(prefix))
+        if prefix and m and _match(m[1], HUNYUAN_VIDEO_MODULES, "."):
+            original[key.removeprefix(prefix)] = tensor
+        else:
+            others[key] = tensor  # diffusers names (or unknown ones): diffusers reads them as they are
+    if not original:
+        return tensors, []
+
+    rewritten, dropped = dict(others), []
+    for module, parts in _by_module(original).items():
+        down, up = _pair(parts)
+        if (down is None) != (up is None):
+            raise _error(f"{label}: layer '{module}' has only one of its two LoRA factors")
+        A = B = None
+        if down is not None:
+            alpha = parts.get("alpha")
+            A, B = _fold(parts[down], parts[up], None if alpha is None else float(alpha))
+        dropped += [f"{module}.{s}" for s in ("diff", "dora_scale") if s in parts and parts[s].count_nonzero()]
+        for name, (a, b, c) in _hunyuan_video_layers(module, A, B, parts.get("diff_b")).items():
+            for suffix, tensor in (("lora_A.weight", a), ("lora_B.weight", b), ("lora_B.bias", c)):
+                if tensor is not None:
+                    rewritten[f"diffusion_model.{name}.{suffix}"] = tensor
+    warnings = _refuse_or_warn(rewritten, dropped, label)
+    if not any("img_attn_qkv" in k for k in rewritten):
+        # lora_state_dict converts only files with img_attn_qkv; do what it would do.
+        from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+
+        rewritten = _convert_hunyuan_video_lora_to_diffusers(rewritten)
+    return rewritten, warnings
+
+
+def _hunyuan_video_layers(module, A, B, bias):
+    """{name diffusers' converter maps exactly: (lora_A, lora_B, lora_B bias)} for one original module."""
+    refiner_qkv = re.fullmatch(r"(txt_in\.individual_token_refiner\.blocks\.\d+)\.self_attn_qkv", module)
+    if refiner_qkv:  # diffusers would chunk lora_A too; these names pass its converter as they are
+        Bs = B.chunk(3) if B is not None else (None,) * 3
+        biases = bias.chunk(3) if bias is not None else (None,) * 3
+        return {f"{refiner_qkv[1]}.attn.to_{p}": (A, b, c) for p, b, c in zip("qkv", Bs, biases)}
+    if module == "final_layer.adaLN_modulation.1":
+        # original output is (shift, scale), diffusers' norm_out.linear is (scale, shift): swap B's rows only.
+        def swap(t):
+            return None if t is None else torch.cat(t.chunk(2)[::-1])
+
+        return {"norm_out.linear": (A, swap(B), swap(bias))}
+    return {module: (A, B, bias)}
+
+
+# --- shared ----------------------------------------------------------------------
+
+
+def _template_regex(template: str, sep: str) -> str:
+    return re.escape(template.replace(".", sep)).replace(re.escape("{i}"), r"(\d+)")
+
+
+def _match(name: str, templates, sep: str) -> str | None:
+    """The original (dotted) module name for ``name`` written with ``sep`` between parts, or None."""
+    for template in templates:
+        m = re.fullmatch(_template_regex(template, sep), name)
+        if m:
+            return template.replace("{i}", m[1]) if m.groups() else template
+    return None
+
+
+def _from_musubi(tensors, templates, family, label):
+    """lora_unet_<module with _>.<suffix> -> <original module>.<suffix>."""
+    out, unknown = {}, []
+    for key, tensor in tensors.items():
+        m = re.fullmatch(r"lora_unet_([^.]+)\.(.+)", key)
+        module = m and _match(m[1], templates, "_")
+        if module is None:
+            unknown.append(key)
+        else:
+            out[f"{module}.{m[2]}"] = tensor
+    if unknown:
+        raise _error(f"{label}: {len(unknown)} musubi-tuner key(s) name no layer of the original {family} "
+                     f"model: {_summary(unknown)}")
+    return out
+
+
+def _by_module(original):
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in original.items():
+        m = _SUFFIX.fullmatch(key)
+        if m:
+            modules.setdefault(m[1], {})[m[2]] = tensor
+    return modules
+
+
+def _pair(parts):
+    down = next((s for s in _DOWN if s in parts), None)
+    up = next((s for s in _UP if s in parts), None)
+    return down, up
+
+
+def _fold(down, up, alpha):
+    """(A, B) with B @ A = alpha / rank * up @ down; powers of two keep both factors in range and B exact."""
+    scale = 1.0 if alpha is None else alpha / down.shape[0]
+    if scale == 1.0:
+        return down, up
+    k = round(-math.log2(abs(scale)) / 2) if scale else 0
+    return (down.double() * (scale * 2.0 ** k)).to(down.dtype), (up.double() * 2.0 ** -k).to(up.dtype)
+
+
+def _refuse_or_warn(kept, dropped, label):
+    if not any(_SUFFIX.fullmatch(k) and _SUFFIX.fullmatch(k)[2] in _DOWN for k in kept):
+        what = f" ({_summary(dropped)})" if dropped else ""
+        raise _error(f"{label}: has no low-rank LoRA layer (lora_A/lora_B or lora_down/lora_up){what}; "
+                     "full weight deltas (.diff) cannot be applied as a LoRA")
+    if not dropped:
+        return []
+    return [f"{label}: {len(dropped)} weight change(s) a LoRA adapter cannot hold are not applied "
+            f"(full weight deltas .diff, biases of unmapped layers, DoRA scales): {_summary(dropped)}"]
+
+
+def _summary(names, limit=8) -> str:
+    """'blocks.*.self_attn.k.diff (30), patch_embedding.diff': block indices folded, most frequent first."""
+    counts = Counter(re.sub(r"(?<=blocks[._])\d+", "*", n) for n in names)
+    parts = [f"{n} ({c})" if c > 1 else n for n, c in counts.most_common(limit)]
+    return ", ".join(parts) + (f", ... ({len(counts) - limit} more)" if len(counts) > limit else "")
+
+
+def _error(message: str):
+    from .loras import LoRAError  # loras imports this module
+
+    return LoRAError(message)
