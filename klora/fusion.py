@@ -1,16 +1,22 @@
-"""Attach K-LoRA to a pipeline (or a bare denoiser) and choose per step.
+"""Attach K-LoRA to any diffusers pipeline (or a bare denoiser) and choose per step.
 
-Both LoRAs are loaded as PEFT adapters ("klora_content", "klora_style") on the
-same layers. Before every call of the denoiser a forward pre-hook works out the
-step progress from the pipeline's own scheduler and activates, in each layer
-both LoRAs adapt, the adapter that ``klora.rule`` picks. The choice is made
-before the forward on purpose: the UNet/FLUX forward rescales the *active*
-adapters for ``cross_attention_kwargs["scale"]`` and undoes it afterwards.
+Before every call of a denoiser a forward pre-hook works out the step progress
+from the pipeline's own scheduler and makes every layer that both LoRAs adapt
+apply the one LoRA that ``klora.rule`` picks for that step. The choice is made
+before the forward on purpose: several denoisers rescale the *active* adapters
+inside their forward (``cross_attention_kwargs["scale"]``) and undo it afterwards.
+
+Two ways to apply the choice (``switching``):
+- ``"fused"`` (default): each layer's weight holds ``W0 + delta`` of the chosen
+  LoRA, so a step costs what the base model costs. A switch rewrites the weight
+  from an exact copy of ``W0`` (never by subtracting the old delta, which drifts
+  in half precision), in place, so compiled graphs see it without recompiling.
+- ``"adapters"``: both LoRAs stay PEFT adapters and ``set_adapter`` picks one;
+  works where weights cannot be written (sequential CPU offload, quantized models).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -21,135 +27,253 @@ import torch
 from . import loras, rule
 from .errors import KLoRAError
 from .loras import LoRAError
+from .pipelines import Family, check_supported, denoisers_of, family_of
 
 METHODS = ("klora", "merge", "content", "style")
 ROLES = ("content", "style")
 ADAPTER_NAMES = {"content": "klora_content", "style": "klora_style"}
+SWITCHING = ("fused", "adapters")
+PROGRESS = ("steps", "noise")
+_NOTHING, _CONTENT, _STYLE, _BOTH = frozenset(), frozenset({"content"}), frozenset({"style"}), frozenset(ROLES)
 
 
 @dataclass
 class _Generation:
     num_inference_steps: int
-    steps: list  # (step, progress, scale, tuple of bools: True = content)
+    steps: list  # (step, progress, scale, component, tuple of bools for that component: True = content)
+
+
+@dataclass
+class _Layer:
+    """One adapted layer of one denoiser."""
+
+    key: str  # its name in the selection log: the module path, or "<component>.<path>" with two denoisers
+    component: str
+    path: str
+    roles: frozenset  # which LoRAs adapt it (after dropping all-zero sides)
 
 
 class KLoRA:
     """K-LoRA fusion of a content and a style LoRA on one pipeline or denoiser.
 
-    ``target`` is a diffusers pipeline with a ``unet`` (SD 1.x/2.x/XL) or a
-    ``transformer`` (FLUX), or that denoiser itself. With a pipeline, progress
-    is ``step / steps`` of the pipeline's scheduler, exact for any step count.
-    A bare denoiser has no scheduler to ask: the step is counted from the
-    distinct timesteps it is called with (a larger timestep starts a new
-    generation) and divided by ``num_inference_steps``.
+    ``target``: a diffusers pipeline of any family that loads LoRAs, or its denoiser
+    (a model with diffusers' ``PeftAdapterMixin``). With a pipeline, progress comes
+    from the pipeline's scheduler: exact for any step count, any number of denoiser
+    calls per step, interrupted runs, and pipelines with two denoisers (Wan 2.2's
+    experts share one schedule). A bare denoiser has no scheduler to ask: the step
+    is counted from the distinct timesteps it is called with and divided by
+    ``num_inference_steps``.
+
+    ``content_2`` / ``style_2``: separate files for the second denoiser of a
+    two-expert pipeline (Wan 2.2 HIGH/LOW LoRA pairs); by default both LoRAs go into
+    every denoiser. ``progress``: "steps" (p = step / steps, the paper's) or "noise"
+    (p = 1 - t / T from the scheduler's current timestep; see ``_SchedulerProgress``).
+    ``compile``: True or a dict of ``torch.compile`` options; compiles the
+    denoiser's repeated blocks (the per-step control stays outside the graph).
     """
 
-    def __init__(self, target, content, style, *, content_weight_name=None, style_weight_name=None,
-                 pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None, method="klora",
-                 num_inference_steps=None, text_encoder_lora=False, max_logged_generations=64):
-        self.pipeline, self.denoiser = split_target(target)
-        self.family = loras.family_of(self.denoiser)
+    def __init__(self, target, content, style, *, content_2=None, style_2=None, content_weight_name=None,
+                 style_weight_name=None, content_2_weight_name=None, style_2_weight_name=None,
+                 pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None, method="klora", progress="steps",
+                 switching="fused", compile=False, num_inference_steps=None, text_encoder_lora=False,
+                 max_logged_generations=64):
+        self.pipeline, self.family, self.denoisers = resolve_target(target)
+        if self.pipeline is not None:
+            check_supported(self.family, type(self.pipeline).__name__)
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self.set_schedule(pattern, alpha, beta)
-        if method not in METHODS:
-            raise KLoRAError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        existing = getattr(self.denoiser, "peft_config", {}) or {}
-        if any(name in existing for name in ADAPTER_NAMES.values()):
-            raise KLoRAError("K-LoRA is already attached to this model; call detach() on it first")
-        self._had_adapters = bool(existing)
+        for name, value, allowed in (("method", method, METHODS), ("progress", progress, PROGRESS),
+                                     ("switching", switching, SWITCHING)):
+            if value not in allowed:
+                raise KLoRAError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for component, denoiser in self.denoisers.items():
+            existing = getattr(denoiser, "peft_config", {}) or {}
+            if any(name in existing for name in ADAPTER_NAMES.values()) or hasattr(denoiser, "_klora_attached"):
+                raise KLoRAError("K-LoRA is already attached to this model; call detach() on it first")
+        self.multi = len(self.denoisers) > 1
+        self.progress_mode = progress
         self._max_generations = max_logged_generations
         self.generations: list[_Generation] = []
 
-        files = {"content": _as_lora_file(content, content_weight_name, "content LoRA"),
-                 "style": _as_lora_file(style, style_weight_name, "style LoRA")}
+        files = self._read_files(content, style, content_2, style_2, content_weight_name, style_weight_name,
+                                 content_2_weight_name, style_2_weight_name)
         self.labels = {role: f.label for role, f in files.items()}
-        adapters = {role: loras.to_denoiser_adapter(f, self.denoiser) for role, f in files.items()}
-        for role in ROLES:
-            loras.check_fits(adapters[role], self.denoiser, files[role].label)
+        self._adapters = self._convert(files)
+        self.switching = self._choose_switching(switching)
+        self._collect_layers()
+        self._text_encoders = []
         loaded = []
         try:
-            for role in ROLES:
-                loras.load_adapter(self.denoiser, adapters[role], ADAPTER_NAMES[role], files[role].label,
-                                   pipeline=self.pipeline)
-                loaded.append(ADAPTER_NAMES[role])
-            self._text_encoders = self._handle_text_encoders(adapters, files, text_encoder_lora)
+            if self.switching == "adapters":
+                self._switch = _AdapterSwitch(self, loaded)
+            else:
+                self._switch = _FusedSwitch(self)
+            self._text_encoders = self._handle_text_encoders(files, text_encoder_lora)
         except BaseException:
-            self._remove_adapters(loaded)
+            if self.switching == "adapters":
+                _AdapterSwitch.remove_names(self.denoisers, loaded)
+            elif hasattr(self, "_switch"):
+                self._switch.remove()
             raise
+        del self._adapters  # the tensors now live in the adapters or the fused switch
 
-        self._collect_layers(adapters)
-        self._progress = _progress_source(self.pipeline, self.denoiser, self.family, num_inference_steps)
-        self._signature = inspect.signature(self.denoiser.forward)
-        self._hook = self.denoiser.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._progress = _progress_source(self.pipeline, self.family, num_inference_steps, progress)
+        self._state = {layer.key: None for layer in self.layers}  # which LoRAs each layer applies now
+        self._mask: dict[str, tuple | None] = {c: None for c in self.denoisers}  # last klora choice per denoiser
+        self._plan: dict | None = None
+        self._hooks = []
+        for component, denoiser in self.denoisers.items():
+            denoiser._klora_attached = True
+            self._hooks.append(denoiser.register_forward_pre_hook(self._hook_for(component), with_kwargs=True))
         self._detached = False
-        self._active_mask: list[bool] | None = None
-        self._current_step = None
         self.method = None
         self.set_method(method)
+        self._compiled = False
+        if compile:
+            self._compile({} if compile is True else dict(compile))
 
     # --- setup -------------------------------------------------------------
 
-    def _collect_layers(self, adapters) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        self.paths: list[str] = []  # layers both LoRAs adapt: K-LoRA chooses here
-        self._layers = []
-        self.only: dict[str, str] = {}  # layers one LoRA adapts: that one, always
-        self._only_layers = []
-        for path, module in self.denoiser.named_modules():
-            if not isinstance(module, LoraLayer):
+    def _read_files(self, content, style, content_2, style_2, content_weight_name, style_weight_name,
+                    content_2_weight_name, style_2_weight_name) -> dict:
+        files = {"content": _as_lora_file(content, content_weight_name, "content LoRA"),
+                 "style": _as_lora_file(style, style_weight_name, "style LoRA")}
+        for role, source, weight_name in (("content", content_2, content_2_weight_name),
+                                          ("style", style_2, style_2_weight_name)):
+            if source is None:
                 continue
-            has = {role: ADAPTER_NAMES[role] in module.lora_A for role in ROLES}
-            if has["content"] and has["style"]:
-                self.paths.append(path)
-                self._layers.append(module)
-            elif has["content"] or has["style"]:
-                role = "content" if has["content"] else "style"
-                self.only[path] = role
-                self._only_layers.append((module, role))
-        if not self.paths:
-            warnings.warn("the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
-                          "choose, each LoRA is applied on its own layers", stacklevel=3)
-        # Statistics come from the LoRA tensors as read from the files (not the layers, which
-        # may sit on the meta device under sequential offload), on a GPU when there is one.
-        device = _stats_device(self.denoiser)
-        stats = []
-        with torch.no_grad():
-            for path, module in zip(self.paths, self._layers):
-                deltas = [_delta_from_adapter(adapters[role], path, device) for role in ROLES]
-                if any(d is None for d in deltas):  # a non-linear (conv) layer: ask PEFT
-                    deltas = [_delta(module, ADAPTER_NAMES[role]) for role in ROLES]
-                ranks = [module.r[ADAPTER_NAMES[role]] for role in ROLES]
-                stats.append(rule.layer_stats(deltas[0], deltas[1], ranks[0], ranks[1]))
-                del deltas
-        self.stats: dict[str, rule.LayerStats] = dict(zip(self.paths, stats))
-        self.gamma = rule.gamma_from_ratios([s.ratio for s in stats])
-        self._content_topk = torch.tensor([s.content_topk_sum for s in stats], dtype=torch.float64)
-        self._style_topk = torch.tensor([s.style_topk_sum for s in stats], dtype=torch.float64)
+            if not self.multi:
+                raise KLoRAError(f"a second {role} LoRA (for a second expert) was given, but "
+                                 f"{self._model_name()} has one denoiser: drop the {role}_2 LoRA")
+            files[f"{role}_2"] = _as_lora_file(source, weight_name, f"{role} LoRA (second expert)")
+        return files
 
-    def _handle_text_encoders(self, adapters, files, apply: bool) -> list:
-        carrying = [role for role in ROLES if adapters[role].text_encoder_state_dicts]
+    def _model_name(self) -> str:
+        return type(self.pipeline or next(iter(self.denoisers.values()))).__name__
+
+    def files_for(self, component: str) -> dict[str, str]:
+        """{role: file key} used for ``component``: the ``_2`` files go to the second denoiser."""
+        second = self.multi and component == list(self.denoisers)[1]
+        return {role: (f"{role}_2" if second and f"{role}_2" in self.labels else role) for role in ROLES}
+
+    def _convert(self, files) -> dict:
+        """{(component, role): DenoiserAdapter}, every LoRA checked against its denoiser before any is loaded."""
+        adapters, converted = {}, {}
+        for component, denoiser in self.denoisers.items():
+            for role, key in self.files_for(component).items():
+                cache = (key, type(denoiser))  # conversion depends on the file and the model class only
+                if cache not in converted:
+                    converted[cache] = loras.to_denoiser_adapter(files[key], denoiser, self.family)
+                adapter = _copy_adapter(converted[cache])
+                for line in loras.check_fits(adapter, denoiser, files[key].label, self.family, files[key]):
+                    warnings.warn(line, stacklevel=4)
+                adapters[component, role] = adapter
+        return adapters
+
+    def _choose_switching(self, switching: str) -> str:
+        if switching == "adapters":
+            return switching
+        reason = None
+        for component, denoiser in self.denoisers.items():
+            reason = reason or _why_not_fused(denoiser, {r: self._adapters[component, r] for r in ROLES})
+        if reason is None:
+            return "fused"
+        warnings.warn(f"fused switching is not possible here ({reason}); K-LoRA switches PEFT adapters instead",
+                      stacklevel=4)
+        return "adapters"
+
+    def _collect_layers(self) -> None:
+        """The layers K-LoRA chooses in, their statistics and gamma (per denoiser)."""
+        self.layers: list[_Layer] = []
+        self.stats: dict[str, rule.LayerStats] = {}
+        self.only: dict[str, str] = {}
+        self._gamma: dict[str, float] = {}
+        self._content_topk: dict[str, torch.Tensor] = {}
+        self._style_topk: dict[str, torch.Tensor] = {}
+        self._shared: dict[str, list[_Layer]] = {}
+        zero_sides = {"content": 0, "style": 0}
+        for component, denoiser in self.denoisers.items():
+            adapters = {role: self._adapters[component, role] for role in ROLES}
+            device = _stats_device(denoiser)
+            modules = {role: set(adapters[role].modules) for role in ROLES}
+            shared, stats = [], []
+            adapted = modules["content"] | modules["style"]
+            with torch.no_grad():
+                for path in (name for name, _ in denoiser.named_modules() if name in adapted):  # model order
+                    key = f"{component}.{path}" if self.multi else path
+                    roles = frozenset(role for role in ROLES if path in modules[role])
+                    if roles == _BOTH:
+                        deltas = [_delta_from_adapter(adapters[role], path, device) for role in ROLES]
+                        ranks = [adapters[role].state_dict[f"{path}.lora_A.weight"].shape[0] for role in ROLES]
+                        layer_stats = rule.layer_stats(deltas[0], deltas[1], ranks[0], ranks[1])
+                        del deltas
+                        zero = [role for role, total in zip(ROLES, (layer_stats.content_abs_sum,
+                                                                   layer_stats.style_abs_sum)) if total == 0]
+                        if not zero:
+                            layer = _Layer(key, component, path, roles)
+                            shared.append(layer)
+                            stats.append(layer_stats)
+                            self.stats[key] = layer_stats
+                            self.layers.append(layer)
+                            continue
+                        # An all-zero side adds nothing: the other LoRA is used there at every step.
+                        for role in zero:
+                            zero_sides[role] += 1
+                        roles = _STYLE if zero == ["content"] else _CONTENT
+                    self.only[key] = next(iter(sorted(roles)))
+                    self.layers.append(_Layer(key, component, path, roles))
+            self._shared[component] = shared
+            self._gamma[component] = rule.gamma_from_ratios([s.ratio for s in stats])
+            self._content_topk[component] = torch.tensor([s.content_topk_sum for s in stats], dtype=torch.float64)
+            self._style_topk[component] = torch.tensor([s.style_topk_sum for s in stats], dtype=torch.float64)
+        for role, count in zero_sides.items():
+            if count:
+                other = "style" if role == "content" else "content"
+                warnings.warn(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the "
+                              f"{other} LoRA is used there at every step", stacklevel=4)
+        if not any(self._shared.values()):
+            warnings.warn("the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
+                          "choose, each LoRA is applied on its own layers", stacklevel=4)
+
+    @property
+    def paths(self) -> list[str]:
+        """Log keys of the layers K-LoRA chooses in, per step."""
+        return [layer.key for layers in self._shared.values() for layer in layers]
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The (first) denoiser K-LoRA acts on."""
+        return next(iter(self.denoisers.values()))
+
+    @property
+    def gamma(self):
+        """gamma of the rule: one number, or {component: gamma} with two denoisers."""
+        return dict(self._gamma) if self.multi else next(iter(self._gamma.values()))
+
+    def _handle_text_encoders(self, files, apply: bool) -> list:
+        carrying = [(role, adapter) for (component, role), adapter in self._adapters.items()
+                    if adapter.text_encoder_state_dicts and component == next(iter(self.denoisers))]
         if not carrying:
             return []
         if not apply:
-            names = " and ".join(files[role].label for role in carrying)
+            names = " and ".join(self.labels[role] for role, _ in carrying)
             warnings.warn(f"{names} also hold text-encoder weights; they are not applied "
                           "(text_encoder_lora=True / --text_encoder_lora applies them)", stacklevel=4)
             return []
-        if self.pipeline is None:
-            raise KLoRAError("text-encoder LoRA weights need the pipeline, not only its denoiser")
+        if self.pipeline is None or not hasattr(self.pipeline, "load_lora_into_text_encoder"):
+            raise KLoRAError("text-encoder LoRA weights need a pipeline whose LoRA loader handles text encoders")
         done = []
-        for role in carrying:
-            for te_name, part in adapters[role].text_encoder_state_dicts.items():
+        for role, adapter in carrying:
+            for te_name, part in adapter.text_encoder_state_dicts.items():
                 encoder = getattr(self.pipeline, te_name, None)
                 if encoder is None:
-                    raise LoRAError(f"{files[role].label}: has '{te_name}' weights but the pipeline has no {te_name}")
+                    raise LoRAError(f"{self.labels[role]}: has '{te_name}' weights but the pipeline has no {te_name}")
                 prefixed = {f"{te_name}.{k}": v for k, v in part.items()}
-                alphas = {k: v for k, v in (adapters[role].text_encoder_alphas or {}).items()
-                          if k.startswith(te_name + ".")}
-                self.pipeline.load_lora_into_text_encoder(
-                    prefixed, network_alphas=alphas or None, text_encoder=encoder, prefix=te_name,
-                    adapter_name=ADAPTER_NAMES[role], _pipeline=self.pipeline)
+                alphas = {k: v for k, v in (adapter.text_encoder_alphas or {}).items() if k.startswith(te_name + ".")}
+                with loras.quiet_libraries():
+                    self.pipeline.load_lora_into_text_encoder(
+                        prefixed, network_alphas=alphas or None, text_encoder=encoder, prefix=te_name,
+                        adapter_name=ADAPTER_NAMES[role], _pipeline=self.pipeline)
                 done.append((encoder, ADAPTER_NAMES[role]))
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -159,6 +283,21 @@ class KLoRA:
                 if isinstance(module, BaseTunerLayer):
                     module.set_adapter([n for n in names if n in module.lora_A], inference_mode=True)
         return done
+
+    def _compile(self, options: dict) -> None:
+        if self.switching == "adapters":
+            warnings.warn("compile with adapter switching recompiles at every switch; switching='fused' does not",
+                          stacklevel=3)
+        self._requires_grad = {}
+        for component, denoiser in self.denoisers.items():
+            for name, parameter in denoiser.named_parameters():
+                self._requires_grad[component, name] = parameter.requires_grad
+            denoiser.requires_grad_(False)  # a flag flip after compiling would recompile
+            if getattr(denoiser, "_repeated_blocks", None):
+                denoiser.compile_repeated_blocks(**options)
+            else:  # compile the forward only: the pre-hook that chooses stays eager, outside the graph
+                denoiser.forward = torch.compile(denoiser.forward, **options)
+        self._compiled = True
 
     # --- configuration -----------------------------------------------------
 
@@ -174,105 +313,166 @@ class KLoRA:
         if beta != beta or abs(beta) == float("inf"):
             raise KLoRAError(f"beta must be a finite number, got {beta}")
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
-        self._current_step = None  # re-decide on the next call
+        self._plan = None  # re-plan on the next call
 
     def set_method(self, method: str) -> None:
         """klora (the rule), merge (both LoRAs everywhere), content or style (one LoRA only)."""
         if method not in METHODS:
             raise KLoRAError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
-        for module, role in self._only_layers:
-            on = method in ("klora", "merge", role)
-            module.set_adapter([ADAPTER_NAMES[role]] if on else [], inference_mode=True)
-        if method == "klora":
-            self._active_mask = None
-            self._apply(rule.content_mask(self._content_topk, self._style_topk, self.gamma,
-                                          self.scale_at(0.0)).tolist())
-        else:
-            names = {"merge": list(ADAPTER_NAMES.values()), "content": [ADAPTER_NAMES["content"]],
-                     "style": [ADAPTER_NAMES["style"]]}[method]
-            for module in self._layers:
-                module.set_adapter(names, inference_mode=True)
-            self._active_mask = None
-        self._current_step = None
+        wanted = {}
+        for layer in self.layers:
+            if method in ("content", "style"):
+                wanted[layer.key] = layer.roles & {method}
+            elif method == "merge" or layer.roles != _BOTH:
+                wanted[layer.key] = layer.roles
+        self._show(wanted)
+        self._mask = {component: None for component in self.denoisers}
+        if method == "klora":  # until the first step: the choice at p = 0
+            for component in self.denoisers:
+                self._apply_mask(component, self._mask_at(component, 0.0))
+        self._plan = None
 
     def scale_at(self, progress: float) -> float:
         return rule.scale_at(progress, self.pattern, self.alpha, self.beta)
 
     def choices_at(self, progress: float) -> dict[str, str]:
         """Which LoRA each shared layer uses at ``progress`` in [0, 1)."""
-        mask = rule.content_mask(self._content_topk, self._style_topk, self.gamma, self.scale_at(progress))
-        return {path: ("content" if c else "style") for path, c in zip(self.paths, mask.tolist())}
+        chosen = {}
+        for component, layers in self._shared.items():
+            mask = self._mask_at(component, progress)
+            chosen.update({layer.key: ("content" if c else "style") for layer, c in zip(layers, mask)})
+        return chosen
+
+    def _mask_at(self, component: str, progress: float) -> tuple:
+        return tuple(rule.content_mask(self._content_topk[component], self._style_topk[component],
+                                       self._gamma[component], self.scale_at(progress)).tolist())
 
     # --- per step ----------------------------------------------------------
 
-    def _before_forward(self, module, args, kwargs):
-        if self.method != "klora":
+    def _hook_for(self, component: str):
+        def before_forward(module, args, kwargs):
+            self._before_forward(component, module, args, kwargs)
             return None
-        timestep = self._signature.bind_partial(*args, **kwargs).arguments.get("timestep")
-        new_generation, step, total = self._progress(timestep)
-        if new_generation:
-            self.generations.append(_Generation(num_inference_steps=total, steps=[]))
-            del self.generations[:-self._max_generations]
-            self._current_step = None
-        if step == self._current_step:
-            return None  # a second call within the same step (true CFG): same choice
-        progress = step / total
-        scale = self.scale_at(progress)
-        mask = rule.content_mask(self._content_topk, self._style_topk, self.gamma, scale).tolist()
-        self._apply(mask)
-        self._current_step = step
-        if self.generations:
-            self.generations[-1].steps.append((step, progress, scale, tuple(mask)))
-        return None
 
-    def _apply(self, mask: list[bool]) -> None:
-        previous = self._active_mask
-        for i, (module, use_content) in enumerate(zip(self._layers, mask)):
-            if previous is None or previous[i] != use_content:
-                module.set_adapter(ADAPTER_NAMES["content" if use_content else "style"], inference_mode=True)
-        self._active_mask = list(mask)
+        return before_forward
+
+    def _before_forward(self, component, module, args, kwargs) -> None:
+        if self.switching == "fused":
+            self._follow_lora_scale(kwargs)
+        if self.method != "klora":
+            return
+        new_generation, step, total, progress = self._progress(module, args, kwargs)
+        if new_generation or self._plan is None:
+            if new_generation:
+                self.generations.append(_Generation(num_inference_steps=total, steps=[]))
+                del self.generations[:-self._max_generations]
+                self._switch.prepare()
+            self._plan = {"masks": {}, "logged": set()}
+            for value in self._progress.schedule():  # every step's choice, worked out once per generation
+                for c in self.denoisers:
+                    self._planned_mask(c, value)
+        mask = self._planned_mask(component, progress)
+        if mask is not self._mask[component]:
+            self._apply_mask(component, mask)
+        if (step, component) not in self._plan["logged"] and self.generations:
+            self._plan["logged"].add((step, component))
+            self.generations[-1].steps.append((step, progress, self.scale_at(progress), component, mask))
+
+    def _follow_lora_scale(self, kwargs) -> None:
+        """Fused weights hold the deltas, so the pipeline's LoRA scale (which PEFT adapters would apply
+        in the forward) is folded into them: a changed scale rewrites every adapted layer."""
+        scale = 1.0
+        for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
+            extra = kwargs.get(name)
+            if isinstance(extra, dict) and extra.get("scale") is not None:
+                scale = float(extra["scale"])
+                break
+        if scale != self._switch.lora_scale:
+            self._switch.lora_scale = scale
+            self._switch.show([(layer, roles) for layer in self.layers
+                               if (roles := self._state[layer.key]) is not None])
+
+    def _planned_mask(self, component: str, progress: float) -> tuple:
+        """The choice at ``progress``; steps with the same choice share one object, so a step
+        that changes nothing costs one identity check."""
+        masks = self._plan["masks"]
+        mask = masks.get((component, progress))
+        if mask is None:
+            mask = self._mask_at(component, progress)
+            same = [m for (c, _), m in masks.items() if c == component and m == mask]
+            mask = masks[(component, progress)] = same[0] if same else mask
+        return mask
+
+    def _apply_mask(self, component: str, mask: tuple) -> None:
+        self._mask[component] = mask
+        self._show({layer.key: (_CONTENT if use_content else _STYLE)
+                    for layer, use_content in zip(self._shared[component], mask)})
+
+    def _show(self, wanted: dict) -> None:
+        """Make each layer in ``wanted`` apply exactly the LoRAs named there."""
+        changes = [(layer, wanted[layer.key]) for layer in self.layers
+                   if layer.key in wanted and self._state[layer.key] != wanted[layer.key]]
+        if changes:
+            self._switch.show(changes)
+            for layer, roles in changes:
+                self._state[layer.key] = roles
 
     # --- reporting ---------------------------------------------------------
 
     def selection_log(self) -> dict:
         """Everything needed to audit the choices, as plain JSON-able data."""
-        return {
+        log = {
             "pattern": self.pattern, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
-            "method": self.method,
-            "content": self.labels["content"], "style": self.labels["style"],
-            "layers": {p: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum}
-                       for p, s in self.stats.items()},
-            "only": dict(self.only),
-            "generations": [
-                {"num_inference_steps": g.num_inference_steps,
-                 "steps": [{"step": step, "progress": progress, "scale": scale,
-                            "choices": {p: ("content" if c else "style") for p, c in zip(self.paths, mask)}}
-                           for step, progress, scale, mask in g.steps]}
-                for g in self.generations],
+            "method": self.method, "progress": self.progress_mode, "switching": self.switching,
         }
+        log.update(self.labels)
+        if self.multi:
+            log["denoisers"] = list(self.denoisers)
+        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum,
+                               "style_topk_sum": s.style_topk_sum} for key, s in self.stats.items()}
+        log["only"] = dict(self.only)
+        generations = []
+        for g in self.generations:
+            steps = []
+            for step, progress, scale, component, mask in g.steps:
+                entry = {"step": step, "progress": progress, "scale": scale}
+                if self.multi:
+                    entry["component"] = component
+                entry["choices"] = {layer.key: ("content" if c else "style")
+                                    for layer, c in zip(self._shared[component], mask)}
+                steps.append(entry)
+            generations.append({"num_inference_steps": g.num_inference_steps, "steps": steps})
+        log["generations"] = generations
+        return log
 
     def save_selection_log(self, path: str | os.PathLike) -> None:
         _atomic_write_text(path, json.dumps(self.selection_log(), indent=1))
 
+    def memory(self) -> dict[str, int]:
+        """Bytes of exact weight copies fused switching keeps, by device ({} with adapters)."""
+        return self._switch.memory()
+
     # --- removal -----------------------------------------------------------
 
     def detach(self) -> None:
-        """Remove the hook and both adapters; the model is exactly as before."""
+        """Remove the hooks and both LoRAs; every weight is exactly as before."""
         if getattr(self, "_detached", True):
             return
-        self._hook.remove()
-        self._remove_adapters(list(ADAPTER_NAMES.values()))
+        for hook in self._hooks:
+            hook.remove()
+        self._switch.remove()
+        self._remove_text_encoder_adapters()
+        for component, denoiser in self.denoisers.items():
+            if hasattr(denoiser, "_klora_attached"):
+                del denoiser._klora_attached
+            if self._compiled:
+                for name, parameter in denoiser.named_parameters():
+                    parameter.requires_grad_(self._requires_grad.get((component, name), parameter.requires_grad))
         self._detached = True
 
-    def _remove_adapters(self, names: list[str]) -> None:
-        if not names:
-            return
-        if not self._had_adapters:
-            self.denoiser.unload_lora()  # unwraps every LoRA layer: the original modules come back
-        else:
-            self.denoiser.delete_adapters(names)
-        for encoder, _ in getattr(self, "_text_encoders", []) or []:
+    def _remove_text_encoder_adapters(self) -> None:
+        for encoder, _ in self._text_encoders:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             if any(isinstance(m, BaseTunerLayer) for m in encoder.modules()):
@@ -291,8 +491,11 @@ class KLoRA:
         self.detach()
 
     def __repr__(self) -> str:
-        return (f"KLoRA(pattern={self.pattern!r}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma:.4g}, "
-                f"method={self.method!r}, shared_layers={len(self.paths)}, single_lora_layers={len(self.only)})")
+        gamma = self.gamma
+        gamma = {k: round(v, 4) for k, v in gamma.items()} if isinstance(gamma, dict) else f"{gamma:.4g}"
+        return (f"KLoRA(family={self.family.name!r}, pattern={self.pattern!r}, alpha={self.alpha}, "
+                f"beta={self.beta}, gamma={gamma}, method={self.method!r}, switching={self.switching!r}, "
+                f"shared_layers={len(self.paths)}, single_lora_layers={len(self.only)})")
 
 
 def attach(target, content, style, **kwargs) -> KLoRA:
@@ -300,17 +503,233 @@ def attach(target, content, style, **kwargs) -> KLoRA:
     return KLoRA(target, content, style, **kwargs)
 
 
+# --- applying a choice: PEFT adapters or fused weights ---------------------------
+
+class _AdapterSwitch:
+    """Both LoRAs as PEFT adapters; a layer applies the adapters set active on it."""
+
+    def __init__(self, klora: KLoRA, loaded: list):
+        self.denoisers = klora.denoisers
+        self._had_adapters = {c: bool(getattr(d, "peft_config", {}) or {}) for c, d in self.denoisers.items()}
+        for component, denoiser in self.denoisers.items():
+            for role in ROLES:
+                key = klora.files_for(component)[role]
+                loras.load_adapter(denoiser, klora._adapters[component, role], ADAPTER_NAMES[role],
+                                   klora.labels[key], pipeline=klora.pipeline)
+                loaded.append((component, ADAPTER_NAMES[role]))
+        by_component = {c: dict(d.named_modules()) for c, d in self.denoisers.items()}
+        self._modules = {layer.key: by_component[layer.component][layer.path] for layer in klora.layers}
+
+    def prepare(self) -> None:
+        pass
+
+    def show(self, changes) -> None:
+        for layer, roles in changes:
+            self._modules[layer.key].set_adapter([ADAPTER_NAMES[r] for r in ROLES if r in roles],
+                                                 inference_mode=True)
+
+    def memory(self) -> dict:
+        return {}
+
+    def remove(self) -> None:
+        for component, denoiser in self.denoisers.items():
+            if not self._had_adapters[component]:
+                denoiser.unload_lora()  # unwraps every LoRA layer: the original modules come back
+            else:
+                denoiser.delete_adapters(list(ADAPTER_NAMES.values()))
+
+    @staticmethod
+    def remove_names(denoisers, loaded) -> None:
+        for component, name in loaded:
+            if name in getattr(denoisers[component], "peft_config", {}):
+                denoisers[component].delete_adapters(name)
+
+
+class _FusedSwitch:
+    """Each layer's weight is ``W0 + sum of the applied LoRAs' deltas``, rewritten in place from ``W0``.
+
+    Layers both LoRAs adapt keep ``W0`` on the weight's device when it fits (else on
+    the host): they switch during a generation. Layers one LoRA adapts are merged
+    once; their ``W0`` waits on the host for ``detach`` and method changes.
+    """
+
+    def __init__(self, klora: KLoRA):
+        self._entries = {}
+        self._bytes = {}
+        self._switching = set()  # keys of the layers that switch during a generation
+        self.lora_scale = 1.0  # the pipeline's LoRA scale (cross_attention_kwargs["scale"] and the like)
+        shared_keys = set(klora.paths)
+        modules = {c: dict(d.named_modules()) for c, d in klora.denoisers.items()}
+        for layer in klora.layers:
+            module = modules[layer.component][layer.path]
+            module = getattr(module, "base_layer", module)
+            weight = _storage(module, "weight")
+            shared = layer.key in shared_keys
+            home = _backup_device(weight, shared)
+            factors = {}
+            for role in layer.roles:
+                adapter = klora._adapters[layer.component, role]
+                A = adapter.state_dict[f"{layer.path}.lora_A.weight"]
+                B = adapter.state_dict[f"{layer.path}.lora_B.weight"]
+                bias = adapter.state_dict.get(f"{layer.path}.lora_B.bias")
+                to = dict(device=home, dtype=weight.dtype)
+                factors[role] = (A.flatten(1).to(**to).contiguous(), B.flatten(1).to(**to).contiguous(),
+                                 float(adapter.scales[layer.path]), None if bias is None else bias.to(**to))
+            with torch.no_grad():
+                backup = weight.detach().to(home, copy=True)
+                if home.type == "cpu" and weight.device.type == "cuda":
+                    backup = backup.pin_memory()
+                bias_backup = None
+                if any(f[3] is not None for f in factors.values()):
+                    bias_backup = _storage(module, "bias").detach().to(home, copy=True)
+            self._entries[layer.key] = (module, backup, bias_backup, factors)
+            if shared:
+                self._switching.add(layer.key)
+            size = backup.numel() * backup.element_size()
+            self._bytes[str(home)] = self._bytes.get(str(home), 0) + size
+
+    def prepare(self) -> None:
+        """Before a generation: move copies next to weights that moved to a GPU after attaching."""
+        for key, (module, backup, bias_backup, factors) in list(self._entries.items()):
+            device = _storage(module, "weight").device
+            if backup.device == device or device.type != "cuda" or backup.device.type != "cpu":
+                continue
+            if key not in self._switching or not _fits_on(device, backup.numel() * backup.element_size()):
+                continue
+            factors = {role: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f)
+                       for role, f in factors.items()}
+            self._entries[key] = (module, backup.to(device), None if bias_backup is None else bias_backup.to(device),
+                                  factors)
+
+    def show(self, changes) -> None:
+        with torch.no_grad():
+            for layer, roles in changes:
+                module, backup, bias_backup, factors = self._entries[layer.key]
+                _write(_storage(module, "weight"), backup, [factors[r] for r in sorted(roles)],
+                       bias=_storage(module, "bias"), bias_backup=bias_backup, lora_scale=self.lora_scale)
+
+    def memory(self) -> dict:
+        return dict(self._bytes)
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for module, backup, bias_backup, _ in self._entries.values():
+                _storage(module, "weight").copy_(backup)
+                if bias_backup is not None:
+                    _storage(module, "bias").copy_(bias_backup)
+        self._entries = {}
+
+
+def _storage(module, name: str):
+    """The tensor that holds ``module.<name>``: the parameter itself, or, when sequential CPU
+    offload keeps it on the meta device, the host copy the offload hook loads it from."""
+    tensor = getattr(module, name)
+    if tensor is None or tensor.device.type != "meta":
+        return tensor
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is not None:
+        try:
+            return weights_map[name]
+        except KeyError:
+            pass
+    raise KLoRAError(f"a {type(module).__name__} weight is on the meta device with no offloaded copy to write to; "
+                     "attach K-LoRA with switching='adapters'")
+
+
+def _write(weight, backup, factors, bias=None, bias_backup=None, lora_scale=1.0) -> None:
+    """weight <- backup + sum(scale * B @ A), computed without touching the old value of ``weight``."""
+    out = weight.view(weight.shape[0], -1)
+    device = weight.device
+
+    def here(t):
+        return t if t.device == device else t.to(device, non_blocking=True)
+
+    base = here(backup).view(out.shape)
+    if not factors:
+        out.copy_(base)
+    elif len(factors) == 1:
+        A, B, scale, _ = factors[0]
+        torch.addmm(base, here(B), here(A), alpha=scale * lora_scale, out=out)  # one rounding, in the weight's dtype
+    else:  # both LoRAs (the "merge" method): sum in float32, round once
+        total = base.to(torch.float32, copy=True)  # never .float(): a no-op on float32, it would add into W0
+        for A, B, scale, _ in factors:
+            total.addmm_(here(B).float(), here(A).float(), alpha=scale * lora_scale)
+        out.copy_(total)
+    if bias_backup is not None:
+        new_bias = here(bias_backup).to(torch.float32, copy=True)
+        for _, _, scale, lora_bias in factors:
+            if lora_bias is not None:
+                new_bias.add_(here(lora_bias).float(), alpha=scale * lora_scale)
+        bias.copy_(new_bias)
+
+
+def _backup_device(weight, switching: bool) -> torch.device:
+    if switching and weight.device.type == "cuda" and _fits_on(weight.device, weight.numel() * weight.element_size()):
+        return weight.device
+    return torch.device("cpu") if weight.device.type != "cpu" else weight.device
+
+
+def _fits_on(device, nbytes: int) -> bool:
+    """Leave a margin for activations: 2 GB or a tenth of the card, whichever is more."""
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes + max(2 << 30, total // 10) < free
+
+
+def _why_not_fused(denoiser, adapters) -> str | None:
+    """Why weights of ``denoiser`` cannot be rewritten in place, or None when they can."""
+    modules = dict(denoiser.named_modules())
+    for path in sorted(set(adapters["content"].modules) | set(adapters["style"].modules)):
+        module = modules[path]
+        module = getattr(module, "base_layer", module)
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.device.type == "meta":
+            try:
+                weight = _storage(module, "weight")
+            except KLoRAError:
+                return "weights on the meta device with no offloaded copy"
+        if weight is None:
+            return f"layer '{path}' has no weight"
+        if not weight.is_contiguous():
+            return f"layer '{path}' has weights that are not one contiguous block of memory"
+        if type(module) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d) \
+                or type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.is_floating_point() \
+                or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"layer '{path}' is {type(module).__name__} with {weight.dtype} weights, e.g. a quantized model"
+        if any(f"{path}.lora_B.bias" in a.state_dict for a in adapters.values()) and module.bias is None:
+            return f"a LoRA has a bias for layer '{path}', which has none"
+    return None
+
+
 # --- helpers -----------------------------------------------------------------
 
-def split_target(target):
-    """(pipeline or None, denoiser) for a pipeline, a UNet or a FLUX transformer."""
-    for attr in ("unet", "transformer"):
-        denoiser = getattr(target, attr, None)
-        if isinstance(denoiser, torch.nn.Module):
-            return target, denoiser
+def resolve_target(target) -> tuple[object, Family, dict[str, torch.nn.Module]]:
+    """(pipeline or None, family row, {component: denoiser}) for a pipeline or a bare denoiser."""
     if isinstance(target, torch.nn.Module):
-        return None, target
-    raise TypeError(f"expected a diffusers pipeline, UNet or FLUX transformer, got {type(target).__name__}")
+        family = family_of(target)
+        return None, family, {family.denoisers[0]: target}
+    try:
+        family = family_of(target)
+    except KLoRAError:
+        # A pipeline without a LoRA loader whose denoiser still takes PEFT adapters.
+        for attr in ("unet", "transformer"):
+            denoiser = getattr(target, attr, None)
+            if isinstance(denoiser, torch.nn.Module):
+                family = family_of(denoiser)
+                return target, family, {attr: denoiser}
+        raise
+    return target, family, denoisers_of(target, family)
+
+
+def split_target(target):
+    """(pipeline or None, first denoiser) for a pipeline or a denoiser."""
+    pipeline, _, denoisers = resolve_target(target)
+    return pipeline, next(iter(denoisers.values()))
+
+
+def _copy_adapter(adapter: loras.DenoiserAdapter) -> loras.DenoiserAdapter:
+    return loras.DenoiserAdapter(state_dict=dict(adapter.state_dict), config=json.loads(json.dumps(adapter.config)),
+                                 text_encoder_state_dicts=adapter.text_encoder_state_dicts,
+                                 text_encoder_alphas=adapter.text_encoder_alphas, scales=dict(adapter.scales))
 
 
 def _as_lora_file(source, weight_name, role) -> loras.LoRAFile:
@@ -330,17 +749,11 @@ def _stats_device(denoiser) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor | None:
-    A = adapter.state_dict.get(f"{path}.lora_A.weight")
-    B = adapter.state_dict.get(f"{path}.lora_B.weight")
-    if A is None or B is None or A.dim() != 2 or B.dim() != 2:
-        return None
-    return rule.dense_delta(A.to(device), B.to(device), adapter.scales[path])
-
-
-def _delta(module, adapter: str) -> torch.Tensor:
-    """PEFT's dense update of one (convolution) adapter, in float32."""
-    return module.get_delta_weight(adapter).float()
+def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor:
+    """``scale * B @ A`` of one layer (convolution factors flattened), in float32."""
+    A = adapter.state_dict[f"{path}.lora_A.weight"]
+    B = adapter.state_dict[f"{path}.lora_B.weight"]
+    return rule.dense_delta(A.flatten(1).to(device), B.flatten(1).to(device), adapter.scales[path])
 
 
 def _atomic_write_text(path, text: str) -> None:
@@ -351,6 +764,8 @@ def _atomic_write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# --- progress through the denoising schedule -----------------------------------
+
 def _timestep_value(timestep) -> float | None:
     if timestep is None:
         return None
@@ -359,47 +774,103 @@ def _timestep_value(timestep) -> float | None:
     return float(timestep)
 
 
+def _timestep_argument(module, args, kwargs):
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    signature = getattr(module, "_klora_signature", None)
+    if signature is None:
+        import inspect
+
+        signature = module._klora_signature = inspect.signature(module.forward)
+    try:
+        return signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+    except TypeError:
+        return None
+
+
 class _SchedulerProgress:
-    """Step index over step count from the pipeline's scheduler (exact, any schedule)."""
+    """Progress from the pipeline's scheduler, whatever timestep convention the denoiser sees.
 
-    def __init__(self, pipeline, unit: float, fallback):
-        self.pipeline, self.unit, self.fallback = pipeline, unit, fallback
+    ``steps`` (the paper's): p = step / steps, counted over the steps this run takes
+    (an img2img run at strength 0.5 goes through the whole K-LoRA schedule in its
+    half of the steps). ``noise``: p = 1 - t / T, where t is the scheduler's current
+    timestep and T its number of training timesteps; on flow-matching models
+    (timesteps 1000 * sigma) that is 1 - sigma. A run that starts part-way through
+    the schedule then sees only the part of the K-LoRA schedule that matches its noise.
+    """
+
+    def __init__(self, pipeline, family: Family, mode: str, fallback):
+        self.pipeline, self.family, self.mode, self.fallback = pipeline, family, mode, fallback
         self._timesteps = None
-        self._last_step = -1
+        self._values: list[float] = []
+        self._begin = 0
+        self._last = -1
 
-    def __call__(self, timestep):
+    def __call__(self, module, args, kwargs):
         scheduler = getattr(self.pipeline, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
-            return self.fallback(timestep)
-        begin = getattr(scheduler, "begin_index", None) or 0
+            return self.fallback(module, args, kwargs)
+        new = timesteps is not self._timesteps
+        if new:  # one host copy per generation; none per step or layer
+            self._values = [float(t) for t in timesteps.detach().float().cpu()]
         index = getattr(scheduler, "step_index", None)
-        if index is None:
-            index = self._lookup(timesteps, timestep, begin)
-        step = max(0, min(int(index) - begin, len(timesteps) - begin - 1))
-        new = timesteps is not self._timesteps or step < self._last_step
-        self._timesteps, self._last_step = timesteps, step
-        return new, step, len(timesteps) - begin
+        if index is None:  # before the scheduler's first step, or a scheduler that keeps no index
+            begin = getattr(scheduler, "begin_index", None)
+            index = begin if begin is not None else self._lookup(module, args, kwargs)
+        index = max(0, min(int(index), len(self._values) - 1))
+        if not new and index < self._last:
+            new = True  # the same schedule run again from its start
+        if new:
+            begin = getattr(scheduler, "begin_index", None)
+            self._begin = begin if begin is not None and begin <= index else index
+        self._timesteps, self._last = timesteps, index
+        total = len(self._values) - self._begin
+        step = max(0, min(index - self._begin, total - 1))
+        if self.mode == "noise":
+            train = float(getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000)
+            progress = min(max(1.0 - self._values[index] / train, 0.0), 1.0 - 1e-9)
+        else:
+            progress = step / total
+        return new, step, total, progress
 
-    def _lookup(self, timesteps, timestep, begin) -> int:
-        value = _timestep_value(timestep)
+    def schedule(self) -> list[float]:
+        """The progress of every step of the current generation."""
+        if self.mode == "noise":
+            train = float(getattr(self.pipeline.scheduler.config, "num_train_timesteps", None) or 1000)
+            return [min(max(1.0 - t / train, 0.0), 1.0 - 1e-9) for t in self._values[self._begin:]]
+        total = len(self._values) - self._begin
+        return [step / total for step in range(total)]
+
+    def _lookup(self, module, args, kwargs) -> int:
+        """Index of the current timestep, for schedulers that keep no step index (DDIM, PNDM)."""
+        value = getattr(self.pipeline, "_current_timestep", None)
+        value = _timestep_value(value) if value is not None else None
         if value is None:
-            return begin
-        distance = (timesteps[begin:].double().cpu() - value * self.unit).abs()
-        return begin + int(torch.argmin(distance))
+            value = _timestep_value(_timestep_argument(module, args, kwargs))
+            if value is None:
+                return max(self._last, 0)
+            value *= self.family.timestep_unit
+            if self.family.timestep_reversed:
+                value = 1000.0 - value
+        distances = [abs(t - value) for t in self._values]
+        return distances.index(min(distances))
 
 
 class _TimestepProgress:
     """Without a scheduler: count distinct timesteps; a noisier one starts over."""
 
-    def __init__(self, num_inference_steps: int):
+    def __init__(self, num_inference_steps: int, family: Family, mode: str):
         self.total = int(num_inference_steps)
+        self.family, self.mode = family, mode
         self._last = None
         self._step = 0
         self._warned = False
 
-    def __call__(self, timestep):
-        value = _timestep_value(timestep)
+    def __call__(self, module, args, kwargs):
+        value = _timestep_value(_timestep_argument(module, args, kwargs))
+        if value is not None and self.family.timestep_reversed:
+            value = -value  # Z-Image: the timestep it is handed grows as the noise falls
         new = self._last is None or (value is not None and value > self._last)
         if new:
             self._step = 0
@@ -411,15 +882,22 @@ class _TimestepProgress:
             warnings.warn(f"the denoiser ran more than num_inference_steps={self.total} steps; "
                           "K-LoRA keeps the last step's choice (pass the pipeline for exact progress)")
             self._warned = True
-        return new, min(self._step, self.total - 1), self.total
+        step = min(self._step, self.total - 1)
+        progress = step / self.total
+        if self.mode == "noise" and value is not None:
+            raw = abs(value) * self.family.timestep_unit
+            t = 1000.0 - raw if self.family.timestep_reversed else raw
+            progress = min(max(1.0 - t / 1000.0, 0.0), 1.0 - 1e-9)
+        return new, step, self.total, progress
+
+    def schedule(self) -> list[float]:
+        return [step / self.total for step in range(self.total)] if self.mode == "steps" else []
 
 
-def _progress_source(pipeline, denoiser, family, num_inference_steps):
+def _progress_source(pipeline, family, num_inference_steps, mode):
     if num_inference_steps is not None and int(num_inference_steps) < 1:
         raise KLoRAError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-    fallback = _TimestepProgress(num_inference_steps or 50)
+    fallback = _TimestepProgress(num_inference_steps or 50, family, mode)
     if pipeline is None:
         return fallback
-    # FLUX hands the transformer timestep / 1000; its scheduler counts in thousands.
-    unit = 1000.0 if family == "transformer" else 1.0
-    return _SchedulerProgress(pipeline, unit, fallback)
+    return _SchedulerProgress(pipeline, family, mode, fallback)

@@ -1,6 +1,6 @@
-"""Any LoRA file -> a named adapter on a denoiser (UNet or FLUX transformer).
+"""Any LoRA file -> a named adapter on the denoiser of any diffusers family.
 
-Format conversion is diffusers' (``lora_state_dict`` of the pipeline class);
+Format conversion is diffusers' (``lora_state_dict`` of the family's LoRA loader);
 the adapter layers are PEFT's (``load_lora_adapter``). What this module adds:
 safe file resolution, clear errors before anything touches the model, and an
 exact per-layer ``alpha / rank`` (diffusers alone collapses differing kohya
@@ -15,11 +15,13 @@ import os
 import re
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import checks, formats
 from .errors import KLoRAError
 
 _UNET_BLOCK = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")
@@ -141,9 +143,11 @@ def read(path: Path, role: str = "LoRA") -> LoRAFile:
         example = next(iter(tensors))
         raise LoRAError(f"{label}: not a LoRA (no lora_A/lora_B or lora_down/lora_up weights; first key "
                         f"'{example}': a full model checkpoint?)")
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LoRAError(f"{label}: tensor '{key}' contains NaN or Inf values")
+    if any(key.endswith("dora_scale") for key in tensors):
+        raise LoRAError(f"{label}: a DoRA file (dora_scale keys); diffusers drops the magnitude vectors, which would "
+                        "change the weights, so DoRA files are refused")
+    for line in checks.check_file(tensors, metadata, label):  # pairs, shapes, ranks, alphas, NaN/Inf, zeros
+        warnings.warn(line, stacklevel=3)
     return LoRAFile(label=label, path=path, tensors=tensors, metadata=metadata)
 
 
@@ -158,75 +162,95 @@ def load_file(name_or_path, weight_name=None, role="LoRA") -> LoRAFile:
 
 # --- conversion to PEFT naming -------------------------------------------------
 
-def family_of(denoiser) -> str:
-    """'unet' for Stable Diffusion UNets, 'transformer' for FLUX-style transformers."""
-    name = type(denoiser).__name__
-    if "UNet" in name:
-        return "unet"
-    if "Flux" in name:
-        return "transformer"
-    raise LoRAError(f"K-LoRA supports Stable Diffusion UNets and FLUX transformers, not {name}")
+# Key patterns that give away which model family a LoRA was trained for; only used to
+# say so when a LoRA does not fit ("this LoRA is for FLUX.1; the model is Qwen-Image").
+# First match wins, so the more specific patterns come first.
+_FAMILY_SIGNATURES = (
+    ("Stable Diffusion", re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")),
+    ("Wan", re.compile(r"(^|\.|lora_unet_)blocks[._]\d+[._](self_attn|cross_attn|attn1|attn2|ffn)")),
+    ("Z-Image", re.compile(r"(noise_refiner|context_refiner|(^|\.)layers\.\d+\.attention\.)")),
+    ("FLUX.2", re.compile(r"(to_qkv_mlp_proj|ff\.linear_in|ff_context\.linear_in)")),
+    ("Qwen-Image", re.compile(r"(img_mlp[._]net|txt_mlp[._]net|img_mod[._]1|txt_mod[._]1)")),
+    ("HunyuanVideo", re.compile(r"(token_refiner|double_blocks\.\d+\.img_attn_qkv|txt_in[._]individual)")),
+    ("FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)")),
+    ("LTX-Video or CogVideoX", re.compile(r"transformer_blocks\.\d+\.attn1\.")),
+    ("Stable Diffusion 3", re.compile(r"transformer_blocks\.\d+\.(attn\.add_q_proj|ff_context)")),
+)
 
 
-def to_denoiser_adapter(lora: LoRAFile, denoiser) -> DenoiserAdapter:
-    """Convert any supported format to PEFT names for ``denoiser`` with exact alphas."""
+def guess_family(keys) -> str | None:
+    """The model family a LoRA's key names point to, or None when they do not say."""
+    keys = list(keys)
+    for name, pattern in _FAMILY_SIGNATURES:
+        if any(pattern.search(key) for key in keys):
+            return name
+    return None
+
+
+def _other_family_hint(lora: LoRAFile, family) -> str:
+    guess = guess_family(lora.tensors)
+    if guess is None or guess == family.name or family.name.startswith(guess) or guess in family.name:
+        return "is it a LoRA for another base model?"
+    return f"this LoRA is for {guess}; the model is {family.name}"
+
+
+def to_denoiser_adapter(lora: LoRAFile, denoiser, family=None) -> DenoiserAdapter:
+    """Convert any format the family's diffusers loader reads to PEFT names, with exact alphas.
+
+    ``family`` is the ``klora.pipelines.Family`` row (found from ``denoiser`` when None).
+    """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    family = family_of(denoiser)
+    from .pipelines import family_of
+
+    family = family or family_of(denoiser)
+    prefix = family.prefix
     tensors = dict(lora.tensors)
     # The paper's training script saved "unet.unet.<module>" keys; one "unet." is one too many.
     tensors = {(k[len("unet."):] if k.startswith("unet.unet.") else k): v for k, v in tensors.items()}
-    if family == "transformer" and any(_UNET_BLOCK.search(k) for k in tensors):
-        raise LoRAError(f"{lora.label}: a Stable Diffusion UNet LoRA (layers like 'down_blocks'); is it a LoRA "
-                        "for another base model? (SD/SDXL LoRAs go to inference_sd.py)")
-    try:
-        if family == "unet":
-            from diffusers import StableDiffusionXLPipeline
+    if prefix == "transformer" and any(_UNET_BLOCK.search(k) for k in tensors):
+        raise LoRAError(f"{lora.label}: a Stable Diffusion UNet LoRA (layers like 'down_blocks'); "
+                        f"{_other_family_hint(lora, family)}")
+    # Files diffusers' converters choke on or read lossily (musubi Wan, HunyuanVideo with alphas, .diff keys).
+    tensors, notes = formats.prepare(tensors, family.loader or "", lora.label)
+    for line in notes:
+        warnings.warn(line, stacklevel=3)
+    converted, network_alphas = _convert(lora, tensors, denoiser, family)
 
-            converted, network_alphas = StableDiffusionXLPipeline.lora_state_dict(
-                tensors, unet_config=denoiser.config)
-        else:
-            from diffusers import FluxPipeline
-
-            converted, network_alphas = FluxPipeline.lora_state_dict(tensors, return_alphas=True)
-    except LoRAError:
-        raise
-    except Exception as exc:
-        raise LoRAError(f"{lora.label}: diffusers cannot read this LoRA format ({_short(exc)})") from None
-
-    prefix = family + "."
-    ours = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
+    ours = {k[len(prefix) + 1:]: v for k, v in converted.items() if k.startswith(prefix + ".")}
     if not ours and not any(k.startswith(("text_encoder", "te_", "lora_te")) for k in converted):
-        # FLUX community files sometimes arrive without any prefix.
+        # Community files sometimes arrive without any prefix.
         ours = {k: v for k, v in converted.items() if not k.startswith("text_encoder")}
     if not ours:
-        raise LoRAError(f"{lora.label}: has no {family} layers (only text-encoder weights?)")
+        raise LoRAError(f"{lora.label}: has no {prefix} layers (only text-encoder weights?)")
 
     # Alphas can sit in three places: tensors named "<module>.alpha", the network_alphas
     # returned by kohya conversion, or a PEFT LoraConfig in the safetensors metadata.
     alpha_tensors = {k[: -len(".alpha")]: float(v) for k, v in ours.items() if k.endswith(".alpha")}
     ours = {k: v for k, v in ours.items() if not k.endswith(".alpha")}
-    if "lora_A" not in next(iter(ours)):
+    if not any(".lora_A." in k or ".lora_B." in k for k in ours):
         ours = convert_unet_state_dict_to_peft(ours)
     module_alphas = {}
     for name, value in alpha_tensors.items():
         module_alphas[_module_of(_peft_name(name))] = value
     if network_alphas:
         for key, value in network_alphas.items():
-            if not key.startswith(prefix):
+            if not key.startswith(prefix + "."):
                 continue
-            down_key = key[len(prefix):]
+            down_key = key[len(prefix) + 1:]
             if down_key.endswith(".alpha"):
                 down_key = down_key[: -len(".alpha")]
             module_alphas[_module_of(_peft_name(down_key))] = float(value)
 
+    _complete_bias_only_layers(ours, denoiser)
     ranks = {}
     for key, tensor in ours.items():
         if key.endswith(".lora_A.weight"):
             ranks[key[: -len(".lora_A.weight")]] = int(tensor.shape[0])
     if not ranks:
-        raise LoRAError(f"{lora.label}: no lora_A / lora_down weights for the {family}")
-    config = _exact_config(ranks, module_alphas, _metadata_config(lora, family))
+        raise LoRAError(f"{lora.label}: no lora_A / lora_down weights for the {prefix}")
+    config = _exact_config(ranks, module_alphas, _metadata_config(lora, prefix))
+    config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in ours)
     scales = {m: _scale(config, m, r) for m, r in ranks.items()}
 
     text_encoders = {}
@@ -237,6 +261,46 @@ def to_denoiser_adapter(lora: LoRAFile, denoiser) -> DenoiserAdapter:
     te_alphas = {k: v for k, v in (network_alphas or {}).items() if k.startswith("text_encoder")}
     return DenoiserAdapter(state_dict=ours, config=config, scales=scales, text_encoder_state_dicts=text_encoders,
                            text_encoder_alphas=te_alphas or None)
+
+
+def _complete_bias_only_layers(state_dict: dict, denoiser) -> None:
+    """A layer with only a bias update (Wan ``diff_b`` without factors) gets zero factors of rank 1,
+    so its bias is applied and its weight left as it is (PEFT would draw a random A)."""
+    modules = dict(denoiser.named_modules())
+    for key in [k for k in state_dict if k.endswith(".lora_B.bias")]:
+        path = key[: -len(".lora_B.bias")]
+        module = modules.get(path)
+        module = getattr(module, "base_layer", module)
+        if f"{path}.lora_A.weight" in state_dict or not isinstance(module, torch.nn.Linear):
+            continue
+        dtype = state_dict[key].dtype
+        state_dict[f"{path}.lora_A.weight"] = torch.zeros(1, module.in_features, dtype=dtype)
+        state_dict[f"{path}.lora_B.weight"] = torch.zeros(module.out_features, 1, dtype=dtype)
+
+
+def _convert(lora: LoRAFile, tensors: dict, denoiser, family) -> tuple[dict, dict | None]:
+    """(state dict in diffusers naming, network alphas or None) from the family's own loader."""
+    if family.loader is None:  # a bare PEFT denoiser without a loader: the file must be PEFT-named
+        return tensors, None
+    from diffusers.loaders import lora_pipeline
+
+    loader = getattr(lora_pipeline, family.loader)
+    kwargs = {}
+    if family.prefix == "unet":
+        kwargs["unet_config"] = denoiser.config  # maps original SD block names (input_blocks_4_1_...)
+    if family.loader == "FluxLoraLoaderMixin":
+        kwargs["return_alphas"] = True
+    try:
+        with quiet_libraries():
+            result = loader.lora_state_dict(tensors, **kwargs)
+    except LoRAError:
+        raise
+    except Exception as exc:
+        raise LoRAError(f"{lora.label}: diffusers' {family.name} loader cannot read this LoRA "
+                        f"({type(exc).__name__}: {_short(exc)}); {_other_family_hint(lora, family)}") from None
+    if isinstance(result, tuple):
+        return result[0], (result[1] if len(result) > 1 and isinstance(result[1], dict) else None)
+    return result, None
 
 
 def _peft_name(key: str) -> str:
@@ -259,8 +323,12 @@ def _metadata_config(lora: LoRAFile, family: str) -> dict | None:
         packed = json.loads(raw)
     except ValueError:
         return None
+    if not isinstance(packed, dict):
+        return None
     prefix = family + "."
     config = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+    if not config and "r" in packed:  # a bare model's save_lora_adapter writes no component prefix
+        config = dict(packed)
     return config or None
 
 
@@ -275,7 +343,7 @@ def _exact_config(ranks: dict[str, int], alphas: dict[str, float], metadata: dic
     from peft import LoraConfig
 
     meta_config = None
-    if metadata is not None and not alphas:
+    if metadata is not None:
         allowed = LoraConfig.__dataclass_fields__
         meta_config = LoraConfig(**{k: v for k, v in metadata.items() if k in allowed})
 
@@ -302,35 +370,52 @@ def _exact_config(ranks: dict[str, int], alphas: dict[str, float], metadata: dic
 
 def _exact(module: str) -> str:
     """A PEFT rank/alpha pattern that matches this one module path and nothing else."""
-    import re
-
     return "^" + re.escape(module) + "$"
 
 
 def _config_alpha(config, module: str, rank: int) -> float:
     """The alpha a PEFT LoraConfig gives ``module``, in units where scale = alpha / rank."""
-    import re
-
-    alpha = config.lora_alpha
-    for pattern, value in (config.alpha_pattern or {}).items():
+    for pattern, value in (config.alpha_pattern or {}).items():  # the first match wins, as in PEFT
         if re.match(rf"(.*\.)?({pattern})$", module) or re.fullmatch(pattern.strip("^$"), module):
-            alpha = value
-    return float(alpha)  # with use_rslora PEFT divides by sqrt(rank) itself
+            return float(value)
+    return float(config.lora_alpha)  # with use_rslora PEFT divides by sqrt(rank) itself
 
 
 # --- checks and loading -------------------------------------------------------
 
-def check_fits(adapter: DenoiserAdapter, denoiser, label: str) -> None:
-    """Every layer the LoRA names must exist in ``denoiser`` with matching shapes."""
+_ADAPTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def check_fits(adapter: DenoiserAdapter, denoiser, label: str, family=None, lora: LoRAFile | None = None) -> list[str]:
+    """Every layer the LoRA names must exist in ``denoiser`` with matching shapes.
+
+    Layers the family marks as optional (``klora.formats.OPTIONAL_LAYERS``, e.g. the
+    image-conditioning layers of a Wan 2.1 I2V LoRA on a text-to-video Wan 2.2) are
+    dropped from ``adapter`` when the model lacks them; the returned warnings say so.
+    """
+    from .pipelines import family_of
+
+    family = family or family_of(denoiser)
     modules = dict(denoiser.named_modules())
     kind = type(denoiser).__name__
+    hint = _other_family_hint(lora, family) if lora is not None else "is it a LoRA for another base model?"
     missing = [m for m in adapter.modules if m not in modules]
-    if len(missing) == len(adapter.modules):
+    warnings_out = []
+    optional = formats.OPTIONAL_LAYERS.get(family.loader or "")
+    if missing and optional is not None:
+        pattern, description = optional
+        skippable = [m for m in missing if re.search(pattern, m)]
+        if skippable and len(skippable) < len(adapter.modules):
+            _drop_modules(adapter, skippable)
+            warnings_out.append(f"{label}: {len(skippable)} {description} layers (e.g. '{skippable[0]}') do not "
+                                f"exist in this {kind} and are skipped")
+            missing = [m for m in missing if m not in skippable]
+    if missing and len(missing) == len(adapter.modules):
         raise LoRAError(f"{label}: none of its {len(missing)} layers exist in this {kind} (e.g. '{missing[0]}'); "
-                        "is it a LoRA for another base model?")
+                        f"{hint}")
     if missing:
         raise LoRAError(f"{label}: {len(missing)} of its {len(adapter.modules)} layers do not exist in this {kind} "
-                        f"(e.g. '{missing[0]}'); is it a LoRA for another base model?")
+                        f"(e.g. '{missing[0]}'); {hint}")
     for module in adapter.modules:
         target = modules[module]
         base = getattr(target, "base_layer", target)
@@ -338,11 +423,54 @@ def check_fits(adapter: DenoiserAdapter, denoiser, label: str) -> None:
         B = adapter.state_dict.get(f"{module}.lora_B.weight")
         if A is None or B is None:
             raise LoRAError(f"{label}: layer '{module}' has only one of its two LoRA matrices")
-        if not isinstance(base, torch.nn.Linear):
-            continue  # conv LoRAs are loaded as they are and are never K-LoRA candidates
-        if A.shape[-1] != base.in_features or B.shape[0] != base.out_features:
-            raise LoRAError(f"{label}: layer '{module}' is {base.in_features}->{base.out_features} in this {kind} "
-                            f"but {A.shape[-1]}->{B.shape[0]} in the LoRA; is it a LoRA for another base model?")
+        if not isinstance(base, _ADAPTABLE):
+            raise LoRAError(f"{label}: layer '{module}' is a {type(base).__name__} in this {kind}; LoRAs adapt "
+                            "linear and convolution layers")
+        if isinstance(base, torch.nn.Linear):
+            fan_in, fan_out, factor_dims = base.in_features, base.out_features, 2
+        else:
+            fan_in, fan_out, factor_dims = base.in_channels, base.out_channels, base.weight.dim()
+        if A.dim() not in (2, factor_dims) or B.dim() not in (2, factor_dims):
+            raise LoRAError(f"{label}: layer '{module}' has LoRA factors of {A.dim()} and {B.dim()} dimensions; "
+                            f"a {type(base).__name__} takes {factor_dims}")
+        if A.shape[1] != fan_in or B.shape[0] != fan_out:
+            raise LoRAError(f"{label}: layer '{module}' is {fan_in}->{fan_out} in this {kind} "
+                            f"but {A.shape[1]}->{B.shape[0]} in the LoRA; {hint}")
+    return warnings_out
+
+
+def _drop_modules(adapter: DenoiserAdapter, modules: list[str]) -> None:
+    gone = set(modules)
+    adapter.state_dict = {k: v for k, v in adapter.state_dict.items() if _module_of(k) not in gone}
+    adapter.config["target_modules"] = [m for m in adapter.config["target_modules"] if m not in gone]
+    patterns = {_exact(m) for m in gone}
+    for name in ("rank_pattern", "alpha_pattern"):
+        adapter.config[name] = {p: v for p, v in adapter.config[name].items() if p not in patterns}
+    adapter.scales = {m: s for m, s in adapter.scales.items() if m not in gone}
+
+
+@contextmanager
+def quiet_libraries():
+    """Keep diffusers/PEFT/transformers chatter out of the user's terminal while they convert or load.
+
+    Everything they would report (dropped keys, format notes) K-LoRA checks and reports
+    itself, in one line naming the file; their own output would only repeat it in raw form.
+    """
+    import io
+    import logging
+    from contextlib import redirect_stdout
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.filterwarnings("ignore", module=r"(peft|diffusers|transformers)(\.|$)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def load_adapter(denoiser, adapter: DenoiserAdapter, adapter_name: str, label: str, pipeline=None) -> None:
@@ -351,12 +479,14 @@ def load_adapter(denoiser, adapter: DenoiserAdapter, adapter_name: str, label: s
     Call ``check_fits`` first (``KLoRA`` checks both LoRAs before loading either, so a
     bad style LoRA never leaves the content LoRA half-attached).
     """
+    config = dict(adapter.config)
+    # One regex that matches exactly these paths: PEFT matches a plain list by suffix, so
+    # "proj_out" would also wrap every "single_transformer_blocks.N.proj_out".
+    config["target_modules"] = "(" + "|".join(re.escape(m) for m in adapter.modules) + ")"
     try:
-        with warnings.catch_warnings():
-            # PEFT warns whenever a second adapter joins a model; two adapters is the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        with quiet_libraries():
             denoiser.load_lora_adapter(dict(adapter.state_dict), prefix=None, adapter_name=adapter_name,
-                                       metadata=dict(adapter.config), _pipeline=pipeline)
+                                       metadata=config, _pipeline=pipeline)
     except Exception as exc:
         if adapter_name in getattr(denoiser, "peft_config", {}):
             denoiser.delete_adapters(adapter_name)

@@ -91,10 +91,12 @@ def layer_stats(content_delta: torch.Tensor, style_delta: torch.Tensor,
 def gamma_from_ratios(ratios: list[float]) -> float:
     """Trimmed mean of per-layer content/style L1 ratios (the official code's gamma).
 
-    One pass: drop ratios at or above 3x their mean, average the rest. With no
-    layer in common the two LoRAs are never compared, so any value works: 1.0.
+    One pass: drop ratios at or above 3x their mean, average the rest. Only
+    positive, finite ratios count (a layer with an all-zero side never reaches the
+    rule: ``klora.fusion`` gives it to the other LoRA), so gamma is never 0, inf or
+    NaN. With no layer in common the LoRAs are never compared: 1.0.
     """
-    finite = [r for r in ratios if r == r and r != float("inf")]
+    finite = [r for r in ratios if 0 < r < float("inf")]
     if not finite:
         return 1.0
     mean = sum(finite) / len(finite)

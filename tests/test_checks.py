@@ -23,7 +23,16 @@ NO_ALPHA = "no alpha in the file (no alpha metadata, no .alpha keys): alpha = ra
 def lora_file(tmp_path, tensors, metadata=None, name="lora.safetensors"):
     path = tmp_path / name
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return loras.read(path, role="content LoRA")
+    return unchecked(path)
+
+
+def unchecked(path, role="content LoRA"):
+    """The file as ``loras.read`` sees it, without the checks ``read`` runs itself (tested at the end)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return loras.LoRAFile(label=f"{role} '{path}'", path=path, tensors={k: f.get_tensor(k) for k in f.keys()},
+                              metadata=f.metadata() or {})
 
 
 def check(lora):
@@ -590,8 +599,20 @@ def test_the_trainers_own_files_pass(tiny_unet, tmp_path):
     config["unet.rank_pattern"] = {"attn2.to_q": 4}
     save_file(dict(trained.tensors), str(tmp_path / "edited.safetensors"),
               metadata={**trained.metadata, "lora_adapter_metadata": json.dumps(config)})
-    edited = loras.read(tmp_path / "edited.safetensors")
+    edited = unchecked(tmp_path / "edited.safetensors", role="LoRA")
     message = refused(edited)
     assert re.fullmatch(re.escape(edited.label) + r": layer 'unet\.[\w.]+\.attn2\.to_q' has rank 2 \(lora\.down 2x\d+\) "
                         r"but metadata 'lora_adapter_metadata' 'unet\.rank_pattern'\['attn2\.to_q'\] says 4"
                         r"( \(\d+ more layers disagree likewise\))?", message), message
+
+
+def test_read_runs_the_checks(tmp_path):
+    """``loras.read`` (what every command line and the library call) refuses and warns like ``check_file``."""
+    no_down = tmp_path / "no_down.safetensors"
+    save_file({f"unet.{Q}.lora_B.weight": randn(64, 8)}, str(no_down))
+    with pytest.raises(loras.LoRAError, match=re.escape(f"layer 'unet.{Q}' has lora_B (64x8) but no lora_A")):
+        loras.read(no_down, role="content LoRA")
+    plain = tmp_path / "plain.safetensors"
+    save_file(peft(Q, randn(8, 32), randn(64, 8, seed=1)), str(plain))
+    with pytest.warns(UserWarning, match=re.escape(NO_ALPHA)):
+        loras.read(plain, role="content LoRA")

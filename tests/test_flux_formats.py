@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from applied import applied_delta, base_weights
 from flux_lora_files import (ATTENTION, block_linears, diffusers_units, expected_choices, expected_gamma,
                              fused_units, truth, write_diffusers, write_kohya, write_xlabs)
 from klora.fusion import ADAPTER_NAMES, KLoRA
@@ -63,20 +64,25 @@ def write_layout(name, transformer, path, seed):
     ("diffusers", "kohya"), ("ai-toolkit", "diffusers"), ("peft-no-alpha", "xlabs"),
     ("kohya", "xlabs"), ("xlabs", "ai-toolkit"),
 ])
-def test_every_layout_gives_exact_updates_and_the_rule(flux_pipe, tmp_path, content_layout, style_layout):
+@pytest.mark.parametrize("switching", ["fused", "adapters"])
+def test_every_layout_gives_exact_updates_and_the_rule(flux_pipe, tmp_path, content_layout, style_layout, switching):
     pipe = fresh_pipe(flux_pipe)
     t = pipe.transformer
     content = write_layout(content_layout, t, tmp_path / "content.safetensors", seed=1)
     style = write_layout(style_layout, t, tmp_path / "style.safetensors", seed=2)
 
-    klora = KLoRA(pipe, str(tmp_path / "content.safetensors"), str(tmp_path / "style.safetensors"))
+    before = base_weights(t)
+    klora = KLoRA(pipe, str(tmp_path / "content.safetensors"), str(tmp_path / "style.safetensors"),
+                  switching=switching)
     modules = dict(t.named_modules())
     for role, expected in (("content", content), ("style", style)):
+        klora.set_method(role)
         for path, (delta, rank) in expected.items():
-            layer = modules[path]
-            assert layer.r[ADAPTER_NAMES[role]] == rank, path
-            got = layer.get_delta_weight(ADAPTER_NAMES[role]).double()
-            assert torch.allclose(got, delta, rtol=1e-5, atol=1e-8), (role, path)
+            if switching == "adapters":
+                assert modules[path].r[ADAPTER_NAMES[role]] == rank, path
+            got = applied_delta(t, path, before, ADAPTER_NAMES[role])
+            assert torch.allclose(got, delta, rtol=1e-5, atol=3e-8), (role, path)
+    klora.set_method("klora")
 
     shared = set(content) & set(style)
     assert set(klora.paths) == shared
@@ -220,7 +226,8 @@ def test_an_sdxl_lora_on_flux_is_a_clear_error(flux_pipe, tiny_sdxl_dir, tmp_pat
     with pytest.raises(LoRAError) as error:
         KLoRA(pipe, str(tmp_path / "sdxl.safetensors"), str(tmp_path / "flux.safetensors"))
     message = str(error.value)
-    assert "content LoRA" in message and "sdxl.safetensors" in message and "another base model" in message
+    assert "content LoRA" in message and "sdxl.safetensors" in message
+    assert "this LoRA is for Stable Diffusion; the model is FLUX.1" in message
     assert "\n" not in message
     assert not any("lora" in type(m).__name__.lower() for m in pipe.transformer.modules())
 

@@ -2,11 +2,13 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from klora import rule
 from klora.fusion import ADAPTER_NAMES, KLoRA
+from applied import applied_delta, base_weights
 from lora_files import attention_linears, delta, random_layers, write_kohya, write_peft
 
 
@@ -50,10 +52,12 @@ def _independent_rule(content, style, shared):
     return stats, sum(kept) / len(kept)
 
 
+@pytest.mark.parametrize("switching", ["fused", "adapters"])
 @pytest.mark.parametrize("pattern", ["s", "s*"])
-def test_choices_equal_the_rule_recomputed_from_the_files(pipe, lora_pair, pattern):
+def test_choices_equal_the_rule_recomputed_from_the_files(pipe, lora_pair, pattern, switching):
     content_path, style_path, content, style = lora_pair
-    klora = KLoRA(pipe, content_path, style_path, pattern=pattern)
+    before = base_weights(pipe.unet)
+    klora = KLoRA(pipe, content_path, style_path, pattern=pattern, switching=switching)
     shared = list(style)
     stats, gamma = _independent_rule(content, style, shared)
     assert sorted(klora.paths) == sorted(shared)
@@ -82,8 +86,12 @@ def test_choices_equal_the_rule_recomputed_from_the_files(pipe, lora_pair, patte
     assert switched == {"content", "style"}, "the test LoRAs should exercise both sides"
     # Layers only the content LoRA adapts use it throughout.
     assert log["only"] == {p: "content" for p in content if p not in style}
-    modules = dict(pipe.unet.named_modules())
-    assert all(modules[p].active_adapters == [ADAPTER_NAMES["content"]] for p in log["only"])
+    for path in log["only"]:
+        assert torch.allclose(applied_delta(pipe.unet, path, before, ADAPTER_NAMES["content"]),
+                              delta(content[path]), rtol=1e-5, atol=3e-8)
+    if switching == "adapters":
+        modules = dict(pipe.unet.named_modules())
+        assert all(modules[p].active_adapters == [ADAPTER_NAMES["content"]] for p in log["only"])
     klora.detach()
 
 
@@ -110,25 +118,33 @@ def test_forced_content_schedule_equals_content_only_run(pipe, tmp_path):
     klora.detach()
 
 
-def test_same_seed_same_image_and_merge_differs(pipe, lora_pair):
-    content_path, style_path, _, _ = lora_pair
-    klora = KLoRA(pipe, content_path, style_path)
+@pytest.mark.parametrize("switching", ["fused", "adapters"])
+def test_same_seed_same_image_and_merge_differs(pipe, lora_pair, switching):
+    content_path, style_path, content, style = lora_pair
+    before = base_weights(pipe.unet)
+    klora = KLoRA(pipe, content_path, style_path, switching=switching)
     first, second = _generate(pipe, seed=3), _generate(pipe, seed=3)
     assert (first == second).all()
     klora.set_method("merge")
     merged = _generate(pipe, seed=3)
     assert not (merged == first).all()
     modules = dict(pipe.unet.named_modules())
-    assert sorted(modules[klora.paths[0]].active_adapters) == sorted(ADAPTER_NAMES.values())
+    path = klora.paths[0]
+    if switching == "adapters":
+        assert sorted(modules[path].active_adapters) == sorted(ADAPTER_NAMES.values())
+    else:  # both deltas in the weight
+        assert torch.allclose(applied_delta(pipe.unet, path, before), delta(content[path]) + delta(style[path]),
+                              rtol=1e-5, atol=3e-8)
     klora.detach()
 
 
-def test_detach_restores_weights_bit_identical_and_removes_hooks(pipe, lora_pair):
+@pytest.mark.parametrize("switching", ["fused", "adapters"])
+def test_detach_restores_weights_bit_identical_and_removes_hooks(pipe, lora_pair, switching):
     content_path, style_path, _, _ = lora_pair
     base_image = _generate(pipe)
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     names = [n for n, _ in pipe.unet.named_modules()]
-    klora = KLoRA(pipe, content_path, style_path)
+    klora = KLoRA(pipe, content_path, style_path, switching=switching)
     assert not (_generate(pipe) == base_image).all()
     klora.detach()
     after = pipe.unet.state_dict()
@@ -138,7 +154,7 @@ def test_detach_restores_weights_bit_identical_and_removes_hooks(pipe, lora_pair
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in pipe.unet.modules())
     assert (_generate(pipe) == base_image).all()
     # Attach again after detaching: works, and a second attach on top is refused.
-    klora = KLoRA(pipe, content_path, style_path)
+    klora = KLoRA(pipe, content_path, style_path, switching=switching)
     with pytest.raises(ValueError, match="already attached"):
         KLoRA(pipe, content_path, style_path)
     klora.detach()
@@ -231,14 +247,24 @@ def test_no_shared_layer_warns_and_runs(pipe, tmp_path):
 
 def test_selection_log_names_are_module_paths_and_cross_attention_scale(pipe, lora_pair):
     content_path, style_path, _, _ = lora_pair
-    klora = KLoRA(pipe, content_path, style_path)
+    klora = KLoRA(pipe, content_path, style_path, switching="adapters")
     modules = dict(pipe.unet.named_modules())
     for name in klora.selection_log()["layers"]:
         assert isinstance(modules[name].base_layer, torch.nn.Linear) and not name.endswith("base_layer")
     # cross_attention_kwargs scale rescales the active adapters and must leave them as they were.
     scalings = {p: dict(m.scaling) for p, m in pipe.unet.named_modules() if hasattr(m, "scaling")}
-    _generate(pipe, steps=4, cross_attention_kwargs={"scale": 0.5})
+    half = _generate(pipe, steps=4, cross_attention_kwargs={"scale": 0.5})
     assert {p: dict(m.scaling) for p, m in pipe.unet.named_modules() if hasattr(m, "scaling")} == scalings
+    full = _generate(pipe, steps=4)
+    klora.detach()
+
+    # Fused weights fold the same scale in: the same images, and the scale does not stick.
+    klora = KLoRA(pipe, content_path, style_path)
+    assert klora.switching == "fused"
+    for name in klora.selection_log()["layers"]:
+        assert type(modules[name].base_layer) is type(dict(pipe.unet.named_modules())[name])
+    assert np.abs(_generate(pipe, steps=4, cross_attention_kwargs={"scale": 0.5}) - half).max() < 1e-5
+    assert np.abs(_generate(pipe, steps=4) - full).max() < 1e-5
     klora.detach()
 
 

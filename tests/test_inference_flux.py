@@ -140,7 +140,7 @@ BAD = {
     "missing file": (["--lora_name_or_path_content", "@missing", "--style_index", 0, "--prompt", "x"],
                      "no such file"),
     "an SDXL LoRA": (["--lora_name_or_path_content", "@sdxl", "--lora_name_or_path_style", "@style",
-                      "--prompt", "x"], "another base model"),
+                      "--prompt", "x"], "this LoRA is for Stable Diffusion; the model is FLUX.1"),
     "base model offline": (["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "@loras"],
                            "could not load a pipeline"),
     "catalogue LoRA offline": (["--content_index", 0, "--style_index", 0], "the hub could not provide"),

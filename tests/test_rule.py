@@ -37,9 +37,12 @@ def test_gamma_drops_ratios_at_three_times_the_mean_once():
     # nothing reaches 3x the mean: plain mean
     assert rule.gamma_from_ratios([1.0, 2.0, 3.0]) == pytest.approx(2.0)
     # exactly 3x the mean is dropped (">=")
-    ratios = [0.0, 0.0, 3.0]  # mean 1, 3.0 >= 3 * 1
-    assert rule.gamma_from_ratios(ratios) == pytest.approx(0.0)
+    ratios = [1.0, 1.0, 1.0, 9.0]  # mean 3, 9.0 >= 3 * 3
+    assert rule.gamma_from_ratios(ratios) == pytest.approx(1.0)
     assert rule.gamma_from_ratios([]) == 1.0
+    # zero, infinite and NaN ratios (layers with an all-zero side) never count: gamma is never 0, inf or NaN
+    assert rule.gamma_from_ratios([0.0, 0.0, 3.0, float("inf"), float("nan")]) == pytest.approx(3.0)
+    assert rule.gamma_from_ratios([0.0, float("inf")]) == 1.0
 
 
 @pytest.mark.parametrize("pattern,p,expected", [
