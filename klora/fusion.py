@@ -368,7 +368,7 @@ class KLoRA:
                 self.generations.append(_Generation(num_inference_steps=total, steps=[]))
                 del self.generations[:-self._max_generations]
                 self._switch.prepare()
-            self._plan = {"masks": {}, "logged": set()}
+            self._plan = {"masks": {}, "canonical": {}, "logged": set()}
             for value in self._progress.schedule():  # every step's choice, worked out once per generation
                 for c in self.denoisers:
                     self._planned_mask(c, value)
@@ -400,8 +400,7 @@ class KLoRA:
         mask = masks.get((component, progress))
         if mask is None:
             mask = self._mask_at(component, progress)
-            same = [m for (c, _), m in masks.items() if c == component and m == mask]
-            mask = masks[(component, progress)] = same[0] if same else mask
+            mask = masks[(component, progress)] = self._plan["canonical"].setdefault((component, mask), mask)
         return mask
 
     def _apply_mask(self, component: str, mask: tuple) -> None:
