@@ -103,7 +103,30 @@ def prepare(tensors: dict[str, torch.Tensor], loader: str, label: str) -> tuple[
         return _prepare_wan(tensors, label)
     if loader in HUNYUAN_VIDEO_LOADERS:
         return _prepare_hunyuan_video(tensors, label)
+    if loader == "Flux2LoraLoaderMixin":
+        return _prepare_flux2(tensors), []
     return tensors, []
+
+
+def _prepare_flux2(tensors):
+    """FLUX.2 files in original names: diffusers sends lora_down/lora_up ones to its kohya converter,
+    which keeps nothing, and raises on .alpha keys. lora_A/lora_B with alpha / rank folded in reach its
+    non-diffusers converter exactly."""
+    if not any(k.startswith("diffusion_model.") for k in tensors):
+        return tensors
+    out = {k: v for k, v in tensors.items() if not k.startswith("diffusion_model.")}
+    original = {k.removeprefix("diffusion_model."): v for k, v in tensors.items() if k.startswith("diffusion_model.")}
+    for module, parts in _by_module(original).items():
+        down, up = _pair(parts)
+        alpha = parts.get("alpha")
+        if down is None or up is None:
+            out.update({f"diffusion_model.{module}.{s}": t for s, t in parts.items()})
+            continue
+        A, B = _fold(parts[down], parts[up], None if alpha is None else float(alpha))
+        out[f"diffusion_model.{module}.lora_A.weight"], out[f"diffusion_model.{module}.lora_B.weight"] = A, B
+        out.update({f"diffusion_model.{module}.{s}": t for s, t in parts.items()
+                    if s not in (down, up, "alpha")})
+    return out
 
 
 # --- Wan -----------------------------------------------------------------------

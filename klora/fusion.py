@@ -50,7 +50,9 @@ class _Layer:
     key: str  # its name in the selection log: the module path, or "<component>.<path>" with two denoisers
     component: str
     path: str
-    roles: frozenset  # which LoRAs adapt it (after dropping all-zero sides)
+    roles: frozenset  # which LoRAs adapt it
+    klora_roles: frozenset  # what it applies under "klora" where K-LoRA does not choose per step
+    chosen: bool = False  # K-LoRA chooses here per step
 
 
 class KLoRA:
@@ -108,8 +110,9 @@ class KLoRA:
                 self._switch = _AdapterSwitch(self, loaded)
             else:
                 self._switch = _FusedSwitch(self)
-            self._text_encoders = self._handle_text_encoders(files, text_encoder_lora)
+            self._handle_text_encoders(text_encoder_lora)
         except BaseException:
+            self._remove_text_encoder_adapters()
             if self.switching == "adapters":
                 _AdapterSwitch.remove_names(self.denoisers, loaded)
             elif hasattr(self, "_switch"):
@@ -158,16 +161,17 @@ class KLoRA:
 
     def _convert(self, files) -> dict:
         """{(component, role): DenoiserAdapter}, every LoRA checked against its denoiser before any is loaded."""
-        adapters, converted = {}, {}
+        adapters, converted, notes = {}, {}, []
         for component, denoiser in self.denoisers.items():
             for role, key in self.files_for(component).items():
                 cache = (key, type(denoiser))  # conversion depends on the file and the model class only
                 if cache not in converted:
                     converted[cache] = loras.to_denoiser_adapter(files[key], denoiser, self.family)
                 adapter = _copy_adapter(converted[cache])
-                for line in loras.check_fits(adapter, denoiser, files[key].label, self.family, files[key]):
-                    warnings.warn(line, stacklevel=4)
+                notes += loras.check_fits(adapter, denoiser, files[key].label, self.family, files[key])
                 adapters[component, role] = adapter
+        for line in dict.fromkeys(notes):  # one line per file, not one per expert
+            warnings.warn(line, stacklevel=4)
         return adapters
 
     def _choose_switching(self, switching: str) -> str:
@@ -210,18 +214,21 @@ class KLoRA:
                         zero = [role for role, total in zip(ROLES, (layer_stats.content_abs_sum,
                                                                    layer_stats.style_abs_sum)) if total == 0]
                         if not zero:
-                            layer = _Layer(key, component, path, roles)
+                            layer = _Layer(key, component, path, roles, roles, chosen=True)
                             shared.append(layer)
                             stats.append(layer_stats)
                             self.stats[key] = layer_stats
                             self.layers.append(layer)
                             continue
-                        # An all-zero side adds nothing: the other LoRA is used there at every step.
+                        # An all-zero weight update never competes: the other LoRA is used there at every
+                        # step (the zero side's bias, if it has one, still applies under its own method).
                         for role in zero:
                             zero_sides[role] += 1
-                        roles = _STYLE if zero == ["content"] else _CONTENT
-                    self.only[key] = next(iter(sorted(roles)))
-                    self.layers.append(_Layer(key, component, path, roles))
+                        used = _STYLE if zero == ["content"] else _CONTENT
+                    else:
+                        used = roles
+                    self.only[key] = next(iter(used))
+                    self.layers.append(_Layer(key, component, path, roles, used))
             self._shared[component] = shared
             self._gamma[component] = rule.gamma_from_ratios([s.ratio for s in stats])
             self._content_topk[component] = torch.tensor([s.content_topk_sum for s in stats], dtype=torch.float64)
@@ -250,19 +257,20 @@ class KLoRA:
         """gamma of the rule: one number, or {component: gamma} with two denoisers."""
         return dict(self._gamma) if self.multi else next(iter(self._gamma.values()))
 
-    def _handle_text_encoders(self, files, apply: bool) -> list:
+    def _handle_text_encoders(self, apply: bool) -> None:
+        """Text-encoder weights in the files: always on when asked for, never chosen per step."""
         carrying = [(role, adapter) for (component, role), adapter in self._adapters.items()
                     if adapter.text_encoder_state_dicts and component == next(iter(self.denoisers))]
         if not carrying:
-            return []
+            return
         if not apply:
             names = " and ".join(self.labels[role] for role, _ in carrying)
             warnings.warn(f"{names} also hold text-encoder weights; they are not applied "
                           "(text_encoder_lora=True / --text_encoder_lora applies them)", stacklevel=4)
-            return []
+            return
         if self.pipeline is None or not hasattr(self.pipeline, "load_lora_into_text_encoder"):
             raise KLoRAError("text-encoder LoRA weights need a pipeline whose LoRA loader handles text encoders")
-        done = []
+        done = self._text_encoders
         for role, adapter in carrying:
             for te_name, part in adapter.text_encoder_state_dicts.items():
                 encoder = getattr(self.pipeline, te_name, None)
@@ -270,10 +278,15 @@ class KLoRA:
                     raise LoRAError(f"{self.labels[role]}: has '{te_name}' weights but the pipeline has no {te_name}")
                 prefixed = {f"{te_name}.{k}": v for k, v in part.items()}
                 alphas = {k: v for k, v in (adapter.text_encoder_alphas or {}).items() if k.startswith(te_name + ".")}
-                with loras.quiet_libraries():
-                    self.pipeline.load_lora_into_text_encoder(
-                        prefixed, network_alphas=alphas or None, text_encoder=encoder, prefix=te_name,
-                        adapter_name=ADAPTER_NAMES[role], _pipeline=self.pipeline)
+                try:
+                    with loras.quiet_libraries():
+                        self.pipeline.load_lora_into_text_encoder(
+                            prefixed, network_alphas=alphas or None, text_encoder=encoder, prefix=te_name,
+                            adapter_name=ADAPTER_NAMES[role], _pipeline=self.pipeline)
+                except Exception as exc:
+                    done.append((encoder, ADAPTER_NAMES[role]))  # removed again by the caller
+                    raise LoRAError(f"{self.labels[role]}: its {te_name} weights could not be loaded "
+                                    f"({type(exc).__name__}: {loras._short(exc)})") from None
                 done.append((encoder, ADAPTER_NAMES[role]))
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -282,7 +295,6 @@ class KLoRA:
             for module in encoder.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.set_adapter([n for n in names if n in module.lora_A], inference_mode=True)
-        return done
 
     def _compile(self, options: dict) -> None:
         if self.switching == "adapters":
@@ -324,8 +336,10 @@ class KLoRA:
         for layer in self.layers:
             if method in ("content", "style"):
                 wanted[layer.key] = layer.roles & {method}
-            elif method == "merge" or layer.roles != _BOTH:
+            elif method == "merge":
                 wanted[layer.key] = layer.roles
+            elif not layer.chosen:
+                wanted[layer.key] = layer.klora_roles
         self._show(wanted)
         self._mask = {component: None for component in self.denoisers}
         if method == "klora":  # until the first step: the choice at p = 0
@@ -773,18 +787,23 @@ def _timestep_value(timestep) -> float | None:
     return float(timestep)
 
 
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # what denoisers call it (Z-Image: t)
+
+
 def _timestep_argument(module, args, kwargs):
-    if "timestep" in kwargs:
-        return kwargs["timestep"]
+    for name in _TIMESTEP_NAMES:
+        if name in kwargs:
+            return kwargs[name]
     signature = getattr(module, "_klora_signature", None)
     if signature is None:
         import inspect
 
         signature = module._klora_signature = inspect.signature(module.forward)
     try:
-        return signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+        bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
         return None
+    return next((bound[name] for name in _TIMESTEP_NAMES if name in bound), None)
 
 
 class _SchedulerProgress:

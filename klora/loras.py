@@ -164,34 +164,53 @@ def load_file(name_or_path, weight_name=None, role="LoRA") -> LoRAFile:
 
 # Key patterns that give away which model family a LoRA was trained for; only used to
 # say so when a LoRA does not fit ("this LoRA is for FLUX.1; the model is Qwen-Image").
-# First match wins, so the more specific patterns come first.
+# Each row: the name to show, the families (FAMILIES names) such a file is right for, the
+# pattern. First match wins, so the more specific patterns come first.
+_SD = ("Stable Diffusion", "Stable Diffusion XL", "AnimateDiff", "AnimateDiff SDXL")
+_WAN = ("Wan", "SkyReels-V2", "SkyReels-V2 diffusion forcing", "Helios", "Helios-Pyramid")
+_FLUX_LIKE = ("FLUX.1", "Chroma", "FLUX.1-style", "HunyuanVideo", "HunyuanVideo FramePack")
 _FAMILY_SIGNATURES = (
-    ("Stable Diffusion", re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")),
-    ("Wan", re.compile(r"(^|\.|lora_unet_)blocks[._]\d+[._](self_attn|cross_attn|attn1|attn2|ffn)")),
-    ("Z-Image", re.compile(r"(noise_refiner|context_refiner|(^|\.)layers\.\d+\.attention\.)")),
-    ("FLUX.2", re.compile(r"(to_qkv_mlp_proj|ff\.linear_in|ff_context\.linear_in)")),
-    ("Qwen-Image", re.compile(r"(img_mlp[._]net|txt_mlp[._]net|img_mod[._]1|txt_mod[._]1)")),
-    ("HunyuanVideo", re.compile(r"(token_refiner|double_blocks\.\d+\.img_attn_qkv|txt_in[._]individual)")),
-    ("FLUX.1", re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)")),
-    ("LTX-Video or CogVideoX", re.compile(r"transformer_blocks\.\d+\.attn1\.")),
-    ("Stable Diffusion 3", re.compile(r"transformer_blocks\.\d+\.(attn\.add_q_proj|ff_context)")),
+    ("Stable Diffusion", _SD, re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")),
+    ("HunyuanVideo", ("HunyuanVideo", "HunyuanVideo FramePack"),
+     re.compile(r"(token_refiner|double_blocks\.\d+\.img_attn_qkv|txt_in[._]individual)")),
+    ("Wan", _WAN,
+     re.compile(r"(^|diffusion_model\.|transformer\.|lora_unet_)blocks[._]\d+[._](self_attn|cross_attn|attn1|attn2|ffn)")),
+    ("Z-Image", ("Z-Image",), re.compile(r"(noise_refiner|context_refiner|(^|\.)layers\.\d+\.attention\.)")),
+    ("FLUX.2", ("FLUX.2",), re.compile(r"(to_qkv_mlp_proj|ff\.linear_in|ff_context\.linear_in)")),
+    ("Qwen-Image", ("Qwen-Image",), re.compile(r"(img_mlp[._]net|txt_mlp[._]net|img_mod[._]1|txt_mod[._]1)")),
+    ("FLUX.1", _FLUX_LIKE, re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)")),
+    ("LTX-Video or CogVideoX", ("LTX-Video", "CogVideoX"), re.compile(r"transformer_blocks\.\d+\.attn1\.")),
+    ("Stable Diffusion 3", ("Stable Diffusion 3", "AuraFlow"),
+     re.compile(r"transformer_blocks\.\d+\.(attn\.add_q_proj|ff_context)")),
 )
+# FLUX.1 and HunyuanVideo share their diffusers layer names and (as kohya/musubi files) their block names;
+# HunyuanVideo alone has a 20th double / 39th single block and fc1/fc2, "linear" modulation layers.
+_HUNYUAN_ONLY = re.compile(r"(double_blocks|(?<!single_)transformer_blocks)[._](19|[2-9]\d)[._]"
+                           r"|single_(transformer_)?blocks[._](3[89]|[4-9]\d)[._]"
+                           r"|(img_mlp|txt_mlp)[._]fc[12]|(img_mod|txt_mod|modulation)[._]linear")
+_FLUX_ONLY = re.compile(r"(img_mod|txt_mod|modulation)[._]lin([._]|$)|(img_mlp|txt_mlp)[._][02]([._]|$)"
+                        r"|img_attn\.qkv|(^|\.)(transformer_blocks|single_transformer_blocks)\.")
 
 
-def guess_family(keys) -> str | None:
-    """The model family a LoRA's key names point to, or None when they do not say."""
+def guess_family(keys) -> tuple[str, tuple[str, ...]] | None:
+    """(name, families it fits) of the model family a LoRA's key names point to, or None."""
     keys = list(keys)
-    for name, pattern in _FAMILY_SIGNATURES:
+    for name, fits, pattern in _FAMILY_SIGNATURES:
         if any(pattern.search(key) for key in keys):
-            return name
+            if name == "FLUX.1":
+                if any(_HUNYUAN_ONLY.search(key) for key in keys):
+                    return "HunyuanVideo", ("HunyuanVideo", "HunyuanVideo FramePack")
+                if not any(_FLUX_ONLY.search(key) for key in keys):
+                    return "FLUX.1 or HunyuanVideo", fits
+            return name, fits
     return None
 
 
 def _other_family_hint(lora: LoRAFile, family) -> str:
     guess = guess_family(lora.tensors)
-    if guess is None or guess == family.name or family.name.startswith(guess) or guess in family.name:
+    if guess is None or family.name in guess[1]:
         return "is it a LoRA for another base model?"
-    return f"this LoRA is for {guess}; the model is {family.name}"
+    return f"this LoRA is for {guess[0]}; the model is {family.name}"
 
 
 def to_denoiser_adapter(lora: LoRAFile, denoiser, family=None) -> DenoiserAdapter:
@@ -199,11 +218,21 @@ def to_denoiser_adapter(lora: LoRAFile, denoiser, family=None) -> DenoiserAdapte
 
     ``family`` is the ``klora.pipelines.Family`` row (found from ``denoiser`` when None).
     """
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     from .pipelines import family_of
 
     family = family or family_of(denoiser)
+    try:
+        return _to_denoiser_adapter(lora, denoiser, family)
+    except LoRAError as exc:
+        hint = _other_family_hint(lora, family)
+        if hint.startswith("this LoRA is for") and hint not in str(exc):
+            raise LoRAError(f"{exc}; {hint}") from None
+        raise
+
+
+def _to_denoiser_adapter(lora: LoRAFile, denoiser, family) -> DenoiserAdapter:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     prefix = family.prefix
     tensors = dict(lora.tensors)
     # The paper's training script saved "unet.unet.<module>" keys; one "unet." is one too many.
@@ -285,6 +314,13 @@ def _convert(lora: LoRAFile, tensors: dict, denoiser, family) -> tuple[dict, dic
     from diffusers.loaders import lora_pipeline
 
     loader = getattr(lora_pipeline, family.loader)
+    # A file already in diffusers' PEFT naming needs no converting, but some converters still act on its
+    # ".alpha" keys (Qwen-Image and Z-Image add a second "transformer." prefix): K-LoRA reads those itself.
+    alphas = {}
+    factors = [k for k in tensors if not k.endswith(".alpha")]
+    if factors and all(k.startswith(family.prefix + ".") and (".lora_A." in k or ".lora_B." in k) for k in factors):
+        alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
     kwargs = {}
     if family.prefix == "unet":
         kwargs["unet_config"] = denoiser.config  # maps original SD block names (input_blocks_4_1_...)
@@ -298,9 +334,9 @@ def _convert(lora: LoRAFile, tensors: dict, denoiser, family) -> tuple[dict, dic
     except Exception as exc:
         raise LoRAError(f"{lora.label}: diffusers' {family.name} loader cannot read this LoRA "
                         f"({type(exc).__name__}: {_short(exc)}); {_other_family_hint(lora, family)}") from None
-    if isinstance(result, tuple):
-        return result[0], (result[1] if len(result) > 1 and isinstance(result[1], dict) else None)
-    return result, None
+    converted, network_alphas = (result[0], result[1] if len(result) > 1 and isinstance(result[1], dict) else None) \
+        if isinstance(result, tuple) else (result, None)
+    return {**converted, **alphas}, network_alphas
 
 
 def _peft_name(key: str) -> str:
@@ -407,8 +443,8 @@ def check_fits(adapter: DenoiserAdapter, denoiser, label: str, family=None, lora
         skippable = [m for m in missing if re.search(pattern, m)]
         if skippable and len(skippable) < len(adapter.modules):
             _drop_modules(adapter, skippable)
-            warnings_out.append(f"{label}: {len(skippable)} {description} layers (e.g. '{skippable[0]}') do not "
-                                f"exist in this {kind} and are skipped")
+            warnings_out.append(f"{label}: skipped {len(skippable)} layers this {kind} does not have "
+                                f"(e.g. '{skippable[0]}'): {description}")
             missing = [m for m in missing if m not in skippable]
     if missing and len(missing) == len(adapter.modules):
         raise LoRAError(f"{label}: none of its {len(missing)} layers exist in this {kind} (e.g. '{missing[0]}'); "

@@ -327,22 +327,8 @@ def test_z_image_timestep_increases_and_the_log_is_still_right(tiny, family_lora
     klora.detach()
 
 
-_BARE_WRONG = {
-    "z-image": "engine: a bare Z-Image transformer takes its timestep as 't', which K-LoRA does not find, so every "
-               "call starts a new generation and the whole run stays at step 0",
-    "lumina2": "engine: a bare Lumina 2 transformer is handed (1000 - t) / 1000, increasing, but its FAMILIES row has "
-               "timestep_reversed=False and timestep_unit=1: every step looks like a new generation (step 0; "
-               "progress ~1 with progress='noise')",
-}
-
-
-def _bare_case(key, progress):
-    marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=_BARE_WRONG[key])] \
-        if key in _BARE_WRONG else []
-    return pytest.param(key, progress, id=f"{key}-{progress}", marks=marks)
-
-
-@pytest.mark.parametrize("key,progress", [_bare_case(k, p) for k in FAMILIES for p in ("steps", "noise")])
+@pytest.mark.parametrize("key,progress", [pytest.param(k, p, id=f"{k}-{p}") for k in FAMILIES
+                                          for p in ("steps", "noise")])
 def test_a_bare_denoiser_follows_the_same_schedule(tiny, family_loras, key, progress):
     """Without a pipeline K-LoRA only sees the timesteps the denoiser is handed, in the family's
     convention (t, t / 1000, or (1000 - t) / 1000): the log must be the pipeline's all the same."""
@@ -495,33 +481,16 @@ FORMATS = {
 }
 
 
-# Layouts the engine gets wrong today (see the reasons); each one should load exactly.
-_DOUBLE_PREFIX = ("engine: transformer.-prefixed PEFT keys with .alpha tensors: diffusers' {0} converter prefixes "
-                  "'transformer.' a second time and K-LoRA refuses the file as 'none of its layers exist ...; is it a "
-                  "LoRA for another base model?'")
-KNOWN_WRONG = {
-    ("qwen-image", "transformer. lora_A/B + .alpha keys"): (_alpha_keys, _DOUBLE_PREFIX.format("Qwen-Image")),
-    ("z-image", "transformer. lora_A/B + .alpha keys"): (_alpha_keys, _DOUBLE_PREFIX.format("Z-Image")),
-    ("flux2-klein", "diffusion_model lora_down/up"): (
-        _flux2("original", down="lora_down", up="lora_up"),
-        "engine: FLUX.2 original names with lora_down/lora_up reach diffusers' kohya converter (it tests for "
-        "'.lora_down.weight' first), which drops every key; K-LoRA says 'has no transformer layers (only "
-        "text-encoder weights?)'"),
-    ("flux2-klein", "diffusion_model lora_A/B + .alpha"): (
-        _flux2("original", alpha=True),
-        "engine: FLUX.2 original names with .alpha keys make diffusers' converter raise, and K-LoRA calls the file "
-        "'a LoRA for FLUX.1' (guess_family reads double_blocks as FLUX.1)"),
-}
-FORMATS.update({k: make for k, (make, _) in KNOWN_WRONG.items()})
+# Layouts diffusers' converters alone get wrong; klora.loras / klora.formats bring them through exactly.
+FORMATS.update({
+    ("qwen-image", "transformer. lora_A/B + .alpha keys"): _alpha_keys,
+    ("z-image", "transformer. lora_A/B + .alpha keys"): _alpha_keys,
+    ("flux2-klein", "diffusion_model lora_down/up"): _flux2("original", down="lora_down", up="lora_up"),
+    ("flux2-klein", "diffusion_model lora_A/B + .alpha"): _flux2("original", alpha=True),
+})
 
 
-def _format_case(key, layout):
-    wrong = KNOWN_WRONG.get((key, layout))
-    marks = [pytest.mark.xfail(strict=True, raises=LoRAError, reason=wrong[1])] if wrong else []
-    return pytest.param(key, layout, id=f"{key}-{layout}", marks=marks)
-
-
-@pytest.mark.parametrize("key,layout", [_format_case(k, f) for k, f in FORMATS])
+@pytest.mark.parametrize("key,layout", [pytest.param(k, f, id=f"{k}-{f}") for k, f in FORMATS])
 def test_each_format_applies_exactly_alpha_over_rank_b_a(tiny, tmp_path, key, layout):
     pipe = load(tiny(key))
     t = pipe.transformer
@@ -655,12 +624,9 @@ def _foreign_lora(tiny, source, folder):
     return str(folder / "foreign.safetensors")
 
 
-_SD_ON_SD3 = ("engine: an SDXL LoRA on SD3 says 'a Stable Diffusion UNet LoRA ...; is it a LoRA for another base "
-              "model?' and never names SD3 (loras._other_family_hint takes 'Stable Diffusion 3' for Stable Diffusion)")
 WRONG_FAMILY = [
     ("flux", "FLUX.1", "qwen-image", "Qwen-Image"),
-    pytest.param("sdxl", "Stable Diffusion", "sd3", "Stable Diffusion 3",
-                 marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_SD_ON_SD3)),
+    ("sdxl", "Stable Diffusion", "sd3", "Stable Diffusion 3"),
     ("qwen-image", "Qwen-Image", "z-image", "Z-Image"),
 ]
 
