@@ -10,7 +10,8 @@
 
     python inference_flux.py --demo --overwrite           # tiny built-in FLUX, no download
 
-Any FLUX LoRA that diffusers' FLUX loader reads works (diffusers/PEFT, ai-toolkit,
+The FLUX.1 front of inference.py (same code, plus the catalogue). Any FLUX LoRA
+that diffusers' FLUX loader reads works (diffusers/PEFT, ai-toolkit,
 kohya, XLabs); content and style may differ in format, rank and layers.
 FLUX.1-dev needs about 24 GB of GPU memory in bf16: ``--cpu_offload`` keeps
 each model on the CPU until it runs, ``--sequential_cpu_offload`` streams
@@ -47,11 +48,7 @@ def build_parser():
                            "calls per step; default 1: off)")
     flux.add_argument("--max_sequence_length", type=int, default=512,
                       help="T5 prompt length in tokens (default 512)")
-    memory = flux.add_mutually_exclusive_group()
-    memory.add_argument("--cpu_offload", action="store_true",
-                        help="model CPU offload: each model moves to the GPU only while it runs")
-    memory.add_argument("--sequential_cpu_offload", action="store_true",
-                        help="sequential CPU offload: weights stream to the GPU layer by layer (least memory)")
+    cli.add_offload_arguments(parser, flux)
     return parser
 
 
@@ -67,35 +64,7 @@ def main(argv=None) -> None:
             _apply_catalogue(args)
         cli.check_arguments(args)
         _check_flux_arguments(args)
-        outputs = cli.plan_outputs(args)
-
-        from klora import loras
-        from klora.fusion import KLoRA
-        from klora.pipelines import load_pipeline, resolve_device
-
-        device = resolve_device(args.device)
-        offload = args.cpu_offload or args.sequential_cpu_offload
-        if args.sequential_cpu_offload and device == "cpu":
-            raise cli.KLoRAError("--sequential_cpu_offload streams weights from the CPU to a GPU; "
-                                 "with --device cpu there is nothing to offload (drop the flag)")
-        # The LoRAs are small: fetch and check them before the 24 GB base model.
-        content = loras.load_file(args.lora_name_or_path_content, args.content_weight_name, "content LoRA")
-        style = loras.load_file(args.lora_name_or_path_style, args.style_weight_name, "style LoRA")
-        pipe = load_pipeline(args.pretrained_model_name_or_path, "transformer", device, args.dtype, place=not offload)
-        # K-LoRA first, offload second: its statistics need the real weights, and the
-        # offload hooks then move the adapters with the layers they belong to.
-        klora = KLoRA(pipe, content, style, pattern=args.pattern, alpha=args.alpha, beta=args.beta, method=args.method,
-                      text_encoder_lora=args.text_encoder_lora)
-        if args.cpu_offload:
-            pipe.enable_model_cpu_offload(device=device)
-        elif args.sequential_cpu_offload:
-            pipe.enable_sequential_cpu_offload(device=device)
-        print(f"K-LoRA: {len(klora.paths)} layers chosen per step, {len(klora.only)} with one LoRA only, "
-              f"gamma {klora.gamma:.4g}, pattern {klora.pattern} (alpha {klora.alpha:g}, beta {klora.beta:g}), "
-              f"method {klora.method}")
-        print(f"prompt: {args.prompt}")
-        cli.generate(pipe, klora, args, outputs, true_cfg_scale=args.true_cfg_scale,
-                     max_sequence_length=args.max_sequence_length)
+        cli.fuse_and_generate(args, expect="transformer")
         if args.demo:
             print("demo done: the tiny model's images are noise; the demo checks the installation, "
                   "not image quality.")
@@ -129,8 +98,9 @@ def _apply_catalogue(args) -> None:
 
 def _check_flux_arguments(args) -> None:
     for name in ("height", "width"):
-        if getattr(args, name) % 16:
-            raise cli.KLoRAError(f"--{name} {getattr(args, name)}: FLUX needs a multiple of 16")
+        value = getattr(args, name) or args.soft_defaults.get(name)
+        if value % 16:
+            raise cli.KLoRAError(f"--{name} {value}: FLUX needs a multiple of 16")
     if not (args.true_cfg_scale >= 1.0 and args.true_cfg_scale < float("inf")):
         raise cli.KLoRAError(f"--true_cfg_scale {args.true_cfg_scale}: must be 1 (off) or more")
     if args.true_cfg_scale > 1 and not args.negative_prompt:

@@ -1,5 +1,8 @@
 """K-LoRA on Stable Diffusion (XL, 1.x, 2.x): a subject LoRA in a style LoRA's style.
 
+The Stable Diffusion front of inference.py (same code, SD defaults: 50 steps,
+guidance 5, 1024 px); other families: inference.py and inference_video.py.
+
     python inference_sd.py \
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
       --lora_name_or_path_content lora-sdxl-dog --lora_name_or_path_style lora-sdxl-waterpainting \
@@ -35,20 +38,7 @@ def main(argv=None) -> None:
             given = sys.argv[1:] if argv is None else argv
             _prepare_demo(args, scratch, steps_given=any(a.startswith("--num_inference_steps") for a in given))
         cli.check_arguments(args)
-        outputs = cli.plan_outputs(args)
-
-        from klora.fusion import KLoRA
-        from klora.pipelines import load_pipeline
-
-        pipe = load_pipeline(args.pretrained_model_name_or_path, "unet", args.device, args.dtype)
-        klora = KLoRA(pipe, args.lora_name_or_path_content, args.lora_name_or_path_style,
-                      content_weight_name=args.content_weight_name, style_weight_name=args.style_weight_name,
-                      pattern=args.pattern, alpha=args.alpha, beta=args.beta, method=args.method,
-                      text_encoder_lora=args.text_encoder_lora)
-        print(f"K-LoRA: {len(klora.paths)} layers chosen per step, {len(klora.only)} with one LoRA only, "
-              f"gamma {klora.gamma:.4g}, pattern {klora.pattern} (alpha {klora.alpha:g}, beta {klora.beta:g}), "
-              f"method {klora.method}")
-        cli.generate(pipe, klora, args, outputs)
+        cli.fuse_and_generate(args, expect="unet")
         if args.demo:
             print("demo done: the tiny model's images are noise; the demo checks the installation, "
                   "not image quality.")

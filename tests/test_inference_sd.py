@@ -220,3 +220,15 @@ def test_demo_keeps_an_explicit_step_count_of_50(tmp_path, capsys):
     assert log["generations"][0]["num_inference_steps"] == 50
     code, _, err = _run(["--demo", "--overwrite", "--output_folder", str(tmp_path)], capsys)
     assert json.loads((tmp_path / "selection_log.json").read_text())["generations"][0]["num_inference_steps"] == 20
+
+
+def test_a_transformer_model_is_refused_with_a_pointer_to_inference_py(base_args, tmp_path, capsys):
+    from klora.tiny import build_tiny
+
+    argv = list(base_args)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = build_tiny("sd3", tmp_path / "sd3")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Stable Diffusion 3 (StableDiffusion3Pipeline), not a Stable Diffusion UNet model: use inference.py" in line
+    assert not list((tmp_path / "out").glob("*"))

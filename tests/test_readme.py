@@ -50,3 +50,41 @@ def test_readme_command_parses(script, args):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.build_parser().parse_args(args)  # argparse exits (SystemExit) on any unknown flag or bad value
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("inference.py", ["--demo_family", "--call_arg", "--true_cfg_scale", "--image", "--strength", "--progress",
+                      "--switching", "--compile", "--cpu_offload"]),
+    ("inference_video.py", ["--num_frames", "--fps", "--guidance_scale_2", "--lora_name_or_path_content_2",
+                            "--lora_name_or_path_style_2", "--save_frames", "--sequential_cpu_offload"]),
+])
+def test_new_scripts_help(script, flags, capsys):
+    """``python <script> --help`` prints the flags the README documents and exits 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        module.build_parser().parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in flags:
+        assert flag in out, flag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,folder,files", [
+    ("inference.py", "demo_output/sdxl", ["klora-sstar_seed0.png", "klora-sstar_seed0_selection.png",
+                                          "selection_log.json"]),
+    ("inference_video.py", "demo_output/video", ["klora-sstar_seed0.mp4", "klora-sstar_seed0_selection.png",
+                                                 "selection_log.json"]),
+])
+def test_new_scripts_demo(script, folder, files, tmp_path):
+    """``python <script> --demo --overwrite``, as a user runs it from a fresh folder."""
+    from conftest import run_script
+
+    result = run_script(script, "--demo", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "noise; the demo checks the installation" in result.stdout and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / folder).iterdir()) == files
