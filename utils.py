@@ -14,7 +14,17 @@
         patten="s*")
     image = pipe("eric cat in BluD!! style.", num_inference_steps=28).images[0]
 
-Each ``insert_*`` function attaches a ``klora.fusion.KLoRA`` and returns the
+Any family (SD3, Qwen-Image, Z-Image, FLUX.2, Wan, HunyuanVideo, ...):
+
+    from utils import insert_klora
+    klora = insert_klora(pipe, "my-dog.safetensors", "watercolor.safetensors", alpha=1.5, pattern="s*")
+    image = pipe("a sbu dog, szn watercolor").images[0]
+    klora.selection_log(); klora.set_method("merge"); remove_klora(pipe)
+
+``insert_klora`` returns the ``KLoRA`` object; its keyword arguments go to ``KLoRA``
+(``method``, ``progress``, ``switching``, ``compile``, ``content_2``/``style_2`` for
+Wan 2.2's second expert, weight names, ...). The original's functions below attach
+the same object and return the
 denoiser (UNet or transformer) with that object as its ``klora`` attribute:
 ``pipe.transformer.klora.selection_log()``, ``.set_schedule(...)``,
 ``.set_method("merge")``, ``.detach()``. Calling an ``insert_*`` function again
@@ -41,7 +51,7 @@ from pathlib import Path
 import torch
 
 from klora import loras, rule
-from klora.fusion import KLoRA, split_target
+from klora.fusion import KLoRA, resolve_target, split_target
 from klora.loras import LoRAError
 
 FLUX_DEFAULT_STEPS = 28
@@ -50,42 +60,68 @@ SD_DEFAULT_STEPS = 50
 
 # --- attaching K-LoRA --------------------------------------------------------
 
+def insert_klora(pipe, content, style, alpha=rule.DEFAULT_ALPHA, beta=None, pattern: str = "s*", **kwargs) -> KLoRA:
+    """K-LoRA on any LoRA-capable pipeline (or bare denoiser); returns the ``KLoRA`` object.
+
+    ``content`` / ``style``: a .safetensors file, a folder, a hub id or a state dict.
+    ``alpha`` / ``beta`` / ``pattern``: the scale schedule (``beta=None``: the
+    pattern's default). ``kwargs`` go to ``KLoRA``: ``method``, ``progress``
+    ("steps" or "noise"), ``switching`` ("fused" or "adapters"), ``compile``,
+    ``content_2`` / ``style_2`` (second expert), ``content_weight_name``, ... A
+    previous K-LoRA on the same model is replaced; ``remove_klora(pipe)`` takes it off.
+    Every denoiser it acts on gets the object as its ``klora`` attribute.
+    """
+    pipeline, denoisers = _pipeline_and_denoisers(pipe)
+    for denoiser in denoisers:
+        remove_klora(denoiser)
+    with _offload_paused(pipeline):
+        klora = KLoRA(pipe, content, style, pattern=pattern, alpha=alpha, beta=beta, **kwargs)
+    for denoiser in klora.denoisers.values():
+        denoiser.klora = klora
+    return klora
+
+
 def insert_community_flux_lora_to_unet(unet, lora_weights_content_path, lora_weights_style_path,
                                        alpha=rule.DEFAULT_ALPHA, beta=None, diffuse_step=None,
                                        content_lora_weight_name: str | None = None,
-                                       style_lora_weight_name: str | None = None, patten: str = "s*"):
+                                       style_lora_weight_name: str | None = None, patten: str = "s*",
+                                       switching: str = "fused"):
     """K-LoRA on FLUX with any two FLUX LoRAs (hub ids, folders or files); returns the transformer.
 
     ``unet``: the FLUX pipeline (as in the paper's README) or its transformer.
     ``alpha`` / ``beta`` / ``patten`` ("s" or "s*"): the scale schedule; ``beta=None``
     takes the pattern's default (1.275 for "s*"). ``diffuse_step``: steps per image,
     used only with a bare transformer (default 28). ``*_lora_weight_name``: the file
-    inside a hub repo or folder.
+    inside a hub repo or folder. ``switching``: "fused" (weights rewritten in place,
+    base-model speed) or "adapters" (PEFT adapters).
     """
     return _insert(unet, lora_weights_content_path, lora_weights_style_path,
                    content_weight_name=content_lora_weight_name, style_weight_name=style_lora_weight_name,
                    alpha=alpha, beta=beta, pattern=patten,
-                   num_inference_steps=diffuse_step or FLUX_DEFAULT_STEPS)
+                   num_inference_steps=diffuse_step or FLUX_DEFAULT_STEPS, switching=switching)
 
 
 def insert_community_sd_lora_to_unet(unet, lora_weights_content_path, lora_weights_style_path,
-                                     alpha=rule.DEFAULT_ALPHA, beta=None, sum_timesteps=None, pattern: str = "s*"):
+                                     alpha=rule.DEFAULT_ALPHA, beta=None, sum_timesteps=None, pattern: str = "s*",
+                                     switching: str = "fused"):
     """K-LoRA on Stable Diffusion with community (kohya/A1111) LoRAs; returns the UNet.
 
     Any format ``insert_sd_klora_to_unet`` reads works here too; the two names are
     kept because the original had both.
     """
     return insert_sd_klora_to_unet(unet, lora_weights_content_path, lora_weights_style_path,
-                                   alpha=alpha, beta=beta, sum_timesteps=sum_timesteps, pattern=pattern)
+                                   alpha=alpha, beta=beta, sum_timesteps=sum_timesteps, pattern=pattern,
+                                   switching=switching)
 
 
 def insert_sd_klora_to_unet(unet, lora_weights_content_path, lora_weights_style_path,
-                            alpha=rule.DEFAULT_ALPHA, beta=None, sum_timesteps=None, pattern: str = "s*"):
+                            alpha=rule.DEFAULT_ALPHA, beta=None, sum_timesteps=None, pattern: str = "s*",
+                            switching: str = "fused"):
     """K-LoRA on Stable Diffusion (XL, 1.x, 2.x) with two LoRAs; returns the UNet.
 
     ``unet``: the pipeline or its UNet. ``sum_timesteps``: the original's layer-call
     count (layers x steps); only used with a bare UNet, where it gives the step
-    count (default: 50 steps).
+    count (default: 50 steps). ``switching``: "fused" or "adapters".
     """
     steps = None
     if sum_timesteps is not None and _pipeline_and_denoiser(unet)[0] is None:
@@ -96,32 +132,36 @@ def insert_sd_klora_to_unet(unet, lora_weights_content_path, lora_weights_style_
         lora_weights_content_path, lora_weights_style_path = content, style
     return _insert(unet, lora_weights_content_path, lora_weights_style_path, content_weight_name=None,
                    style_weight_name=None, alpha=alpha, beta=beta, pattern=pattern,
-                   num_inference_steps=steps or SD_DEFAULT_STEPS)
+                   num_inference_steps=steps or SD_DEFAULT_STEPS, switching=switching)
 
 
 def remove_klora(unet) -> None:
     """Take K-LoRA off a pipeline or denoiser: the model is bit-identical to before."""
-    denoiser = _pipeline_and_denoiser(unet)[1]
-    attached = getattr(denoiser, "klora", None)
-    if isinstance(attached, KLoRA):
-        attached.detach()
-        del denoiser.klora
+    for denoiser in _pipeline_and_denoisers(unet)[1]:
+        attached = getattr(denoiser, "klora", None)
+        if isinstance(attached, KLoRA):
+            attached.detach()
+            for module in attached.denoisers.values():
+                if getattr(module, "klora", None) is attached:
+                    del module.klora
 
 
 def _insert(target, content, style, *, content_weight_name, style_weight_name, alpha, beta, pattern,
-            num_inference_steps):
-    pipeline, denoiser = _pipeline_and_denoiser(target)
-    remove_klora(denoiser)
-    with _offload_paused(pipeline):
-        klora = KLoRA(target, content, style, content_weight_name=content_weight_name,
-                      style_weight_name=style_weight_name, pattern=pattern, alpha=alpha, beta=beta,
-                      num_inference_steps=num_inference_steps)
-    denoiser.klora = klora
-    return denoiser
+            num_inference_steps, switching):
+    klora = insert_klora(target, content, style, alpha=alpha, beta=beta, pattern=pattern,
+                         content_weight_name=content_weight_name, style_weight_name=style_weight_name,
+                         num_inference_steps=num_inference_steps, switching=switching)
+    return klora.denoiser
 
 
 def _pipeline_and_denoiser(target):
     return split_target(target)
+
+
+def _pipeline_and_denoisers(target):
+    """(pipeline or None, [every denoiser K-LoRA would act on])."""
+    pipeline, _, denoisers = resolve_target(target)
+    return pipeline, list(denoisers.values())
 
 
 def _shared_layer_count(content: loras.LoRAFile, style: loras.LoRAFile, denoiser) -> int:

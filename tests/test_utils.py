@@ -186,3 +186,81 @@ def test_sd_insert_on_a_bare_unet_takes_steps_from_sum_timesteps(sdxl):
     generation = unet.klora.selection_log()["generations"][-1]
     assert generation["num_inference_steps"] == 6  # sum_timesteps / layers, as the original counted
     assert [s["step"] for s in generation["steps"]] == list(range(6))
+
+
+# --- insert_klora: any family ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from diffusers import QwenImagePipeline
+
+    from klora.tiny import build_tiny, write_demo_loras
+
+    folder = tmp_path_factory.mktemp("qwen")
+    pipe = QwenImagePipeline.from_pretrained(build_tiny("qwen-image", folder / "model"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, *write_demo_loras(pipe.transformer, folder)
+
+
+def qwen_generate(pipe, steps=4, **kwargs):
+    return pipe(prompt="a dog", num_inference_steps=steps, height=32, width=32, max_sequence_length=32,
+                output_type="np", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_insert_klora_on_qwen_image_returns_the_object_and_follows_the_rule(qwen):
+    from test_inference import check_log_against_files, rule_from_files
+
+    base, content, style = qwen
+    pipe = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    klora = utils.insert_klora(pipe, content, style, alpha=1.5, pattern="s", switching="adapters")
+    assert isinstance(klora, KLoRA) and pipe.transformer.klora is klora
+    assert (klora.family.name, klora.switching, klora.pattern, klora.beta) == ("Qwen-Image", "adapters", "s", 0.5)
+    qwen_generate(pipe, negative_prompt="blurry", true_cfg_scale=3.0)  # two transformer calls per step
+    stats, gamma = rule_from_files(content, style)
+    check_log_against_files(klora.selection_log(), stats, gamma, steps=4, pattern="s")
+
+    again = utils.insert_klora(pipe, style, content, method="merge", progress="noise")
+    assert klora._detached and pipe.transformer.klora is again
+    assert (again.method, again.progress_mode, again.switching) == ("merge", "noise", "fused")
+    utils.remove_klora(pipe)
+    assert not hasattr(pipe.transformer, "klora")
+    after = pipe.transformer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_insert_klora_on_wan22_takes_second_expert_files(tmp_path):
+    from diffusers import WanPipeline
+
+    from klora.tiny_video import build_tiny_video, write_demo_video_loras
+
+    pipe = WanPipeline.from_pretrained(build_tiny_video("wan22", tmp_path / "wan"))
+    pipe.set_progress_bar_config(disable=True)
+    content, style = write_demo_video_loras(pipe.transformer, tmp_path / "high")
+    content_2, style_2 = write_demo_video_loras(pipe.transformer, tmp_path / "low", rank=4, seed=3)
+    before = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+              for name in ("transformer", "transformer_2")}
+    klora = utils.insert_klora(pipe, content, style, content_2=content_2, style_2=style_2)
+    assert pipe.transformer.klora is klora and pipe.transformer_2.klora is klora
+    assert klora.labels["content_2"].endswith("demo_video_content_lora.safetensors'")
+    assert {klora.stats[k].k for k in klora.paths if k.startswith("transformer_2.")} == {16}
+    pipe(prompt="a dog", num_inference_steps=4, height=16, width=16, num_frames=5, max_sequence_length=16,
+         output_type="np", generator=torch.Generator().manual_seed(0))
+    assert {s["component"] for s in klora.selection_log()["generations"][0]["steps"]} == {"transformer",
+                                                                                         "transformer_2"}
+    utils.remove_klora(pipe)
+    for name in ("transformer", "transformer_2"):
+        module = getattr(pipe, name)
+        assert not hasattr(module, "klora")
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in before[name].items())
+
+
+def test_original_insert_functions_take_switching(sdxl):
+    base, content, style, _ = sdxl
+    pipe = copy.deepcopy(base)
+    unet = utils.insert_sd_klora_to_unet(pipe, content, style, switching="adapters")
+    assert unet.klora.switching == "adapters"
+    unet = utils.insert_community_sd_lora_to_unet(pipe, content, style, pattern="s", switching="fused")
+    assert unet.klora.switching == "fused" and unet.klora.pattern == "s"
+    utils.remove_klora(pipe)
+    assert not hasattr(pipe.unet, "klora")
