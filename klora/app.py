@@ -1,4 +1,4 @@
-"""The gradio page: one pipeline, one K-LoRA, one generation at a time.
+"""The gradio page: one pipeline of any family, one K-LoRA, one generation at a time.
 
 ``Studio`` holds the loaded pipeline and the attached ``KLoRA`` and does the
 work (checks, generation, switching LoRAs); it knows nothing of gradio, so a
@@ -6,15 +6,24 @@ test can call it as a reference. ``build_app`` lays the page out over a
 ``Studio`` and turns its ``KLoRAError``\\ s into visible ``gr.Error``\\ s;
 ``serve`` launches it with the serving rules of ``inference_gradio.py``.
 
+The page adapts to the pipeline it is given, never to a family name typed by
+the user: the family is ``klora.pipelines.family_of(pipe)``, the fields are the
+arguments the pipeline's ``__call__`` takes (a negative prompt where it has one,
+true CFG where it has ``true_cfg_scale``, frames and frame rate for video
+families), and their initial values are the pipeline's own defaults.
+
 Changing pattern, alpha, beta or method calls ``KLoRA.set_schedule`` /
 ``set_method`` on the attached LoRAs: nothing is reloaded. Switching LoRAs
 reads and checks the new files first, then detaches the old K-LoRA and
 attaches a new one; a rejected file leaves the previous LoRAs in place.
 """
 
+import inspect
 import math
 import secrets
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -23,17 +32,27 @@ from pathlib import Path
 
 import torch
 
-from . import loras, rule, selection_map
+from . import loras, rule, selection_map, video
+from .cli import method_tag
 from .errors import KLoRAError
-from .fusion import METHODS, KLoRA
+from .fusion import METHODS, PROGRESS, SWITCHING, KLoRA
 from .loras import LoRAError
+from .pipelines import Family, family_of
 
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
 MAX_ALPHA = 10.0
 MAX_ABS_BETA = 10.0
+MAX_FPS = 120
 METHOD_NOTES = {"klora": "K-LoRA", "merge": "direct merge (both LoRAs in every layer)",
                 "content": "content LoRA only", "style": "style LoRA only"}
+
+# Image (and frame) sides are multiples of the VAE's downscale times the denoiser's
+# patch: 8 for the SD UNets, 16 for most DiTs (8x VAE, 2x2 patches), 32 where the VAE
+# downscales 32x. The rows are the real models'; the tiny test models divide them.
+SIDE_MULTIPLES = {"Sana": 32, "Sana Video": 32, "LTX-Video": 32, "LTX-2": 32}
+# An H.264 MP4 is written in 16-pixel macroblocks; other sides would be padded.
+VIDEO_SIDE_MULTIPLE = video.MACRO_BLOCK
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,7 @@ class Limits:
 
     max_steps: int = 100
     max_side: int = 2048
+    max_frames: int = 257  # LTX-Video's longest clip; Wan makes 81, HunyuanVideo 129
     max_prompt_chars: int = 1000
     max_queue: int = 16  # requests waiting; more are refused with "queue full"
     max_upload: str = "2gb"  # per uploaded LoRA file (rank-128 SDXL LoRAs are ~0.9 GB)
@@ -49,24 +69,71 @@ class Limits:
 
 @dataclass(frozen=True)
 class Defaults:
-    """Initial values of the page's fields."""
+    """Initial values of the page's fields; ``for_pipeline`` reads them off the pipeline."""
 
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = 50
-    guidance: float = 5.0
-    size: int = 1024
+    guidance: float | None = 5.0  # None: the pipeline has no default guidance_scale (Qwen-Image)
+    true_cfg: float | None = None  # None: the pipeline takes no true_cfg_scale
+    height: int = 1024
+    width: int = 1024
+    num_frames: int | None = None  # video families only
+    fps: int | None = None
 
     @classmethod
-    def for_family(cls, family: str, **overrides):
-        base = cls() if family == "unet" else cls(steps=28, guidance=3.5)  # FLUX.1-dev's usual settings
-        return cls(**{**base.__dict__, **overrides})
+    def for_pipeline(cls, pipe, limits: "Limits | None" = None, **overrides) -> "Defaults":
+        """The pipeline's own ``__call__`` defaults (steps, guidance, true CFG, size, frames),
+        fitted to the page's rules and ``limits``; ``overrides`` replace any of them."""
+        limits = limits or Limits()
+        family = family_of(pipe)
+        own = {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()}
+        multiple = side_multiple(family)
+        height, width = _default_sides(pipe, family, own)
+        values = dict(
+            steps=_fit_int(own.get("num_inference_steps"), 50, 1, limits.max_steps),
+            guidance=_float_or_none(own.get("guidance_scale")),
+            true_cfg=_float_or_none(own.get("true_cfg_scale")),
+            height=_fit_side(height, multiple, limits.max_side),
+            width=_fit_side(width, multiple, limits.max_side))
+        if family.output == "video":
+            step = frame_step(pipe)
+            frames = own.get("num_frames")
+            if not _whole(frames):
+                frames = _config_of(pipe, family).get("sample_frames") or 49
+            values["num_frames"] = max(1, (min(int(frames), most_frames(pipe, limits)) - 1) // step * step + 1)
+            values["fps"] = video.default_fps(pipe, family.name)
+        return cls(**{**values, **overrides})
+
+
+def side_multiple(family: Family) -> int:
+    """What image (or frame) heights and widths must be a multiple of, for this family."""
+    multiple = SIDE_MULTIPLES.get(family.name, 8 if family.denoisers[0] == "unet" else 16)
+    return math.lcm(multiple, VIDEO_SIDE_MULTIPLE) if family.output == "video" else multiple
+
+
+def frame_step(pipe) -> int:
+    """Clips have ``k * step + 1`` frames (``klora.video.FRAME_STEP``: Wan 4, LTX-Video 8);
+    1 means any count (AnimateDiff)."""
+    return video.FRAME_STEP.get(family_of(pipe).name, 1)
+
+
+def most_frames(pipe, limits: "Limits") -> int:
+    """The page's frame limit, lowered to what the model can take (AnimateDiff's motion modules)."""
+    return min(limits.max_frames, video.max_frames(pipe) or limits.max_frames)
+
+
+def frames_rule(step: int) -> str:
+    return "any number" if step == 1 else f"{step}k + 1 (1, {step + 1}, {2 * step + 1}, ...)"
 
 
 @dataclass
 class Result:
-    image: object  # PIL image (partly denoised when stopped)
+    image: object | None  # PIL image for image families (partly denoised when stopped), else None
+    video: str | None  # MP4 path for video families, else None
+    frames: object | None  # the clip's frames as the pipeline returned them (numpy, F x H x W x 3 in [0, 1])
     selection_map: object | None  # PIL image for method "klora", else None
+    selection_log: str | None  # JSON path of ``KLoRA.selection_log()`` for method "klora", else None
     seed: int
     seconds: float
     steps_done: int
@@ -103,24 +170,58 @@ class _StopRequests:
 
 
 class Studio:
-    """A pipeline with K-LoRA attached, driven by the page (or by a test, directly)."""
+    """A pipeline with K-LoRA attached, driven by the page (or by a test, directly).
 
-    def __init__(self, pipe, content, style, *, content_weight_name=None, style_weight_name=None,
-                 text_encoder_lora=False, limits: Limits | None = None, defaults: Defaults | None = None,
+    ``content_2`` / ``style_2``: separate LoRAs for the second expert of a two-denoiser
+    pipeline (Wan 2.2 HIGH/LOW pairs); switching a role's LoRA on the page replaces
+    both of its files. ``switching`` / ``progress``: as ``KLoRA``. ``call_kwargs``:
+    fixed arguments added to every pipeline call (``max_sequence_length``, ...).
+    """
+
+    KEPT_OUTPUTS = 8  # generations whose MP4 and JSON files stay on disk (gradio copies them to its cache)
+
+    def __init__(self, pipe, content, style, *, content_2=None, style_2=None, content_weight_name=None,
+                 style_weight_name=None, content_2_weight_name=None, style_2_weight_name=None,
+                 text_encoder_lora=False, switching="fused", progress="steps",
+                 call_kwargs: dict | None = None, limits: Limits | None = None, defaults: Defaults | None = None,
                  model_label: str = ""):
+        for name, value, allowed in (("switching", switching, SWITCHING), ("progress", progress, PROGRESS)):
+            if value not in allowed:
+                raise KLoRAError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         self.pipe = pipe
-        self.family = "unet" if isinstance(getattr(pipe, "unet", None), torch.nn.Module) else "transformer"
-        # FLUX packs 2x2 latent patches: its sides must be multiples of 16.
-        self.size_multiple = 8 if self.family == "unet" else 16
+        self.family = family_of(pipe)
+        self.video = self.family.output == "video"
+        self.takes = set(inspect.signature(pipe.__call__).parameters)
+        self.size_multiple = side_multiple(self.family)
+        self.frame_step = frame_step(pipe) if self.video else None
         self.limits = limits or Limits()
-        self.defaults = defaults or Defaults.for_family(self.family)
+        self.max_frames = most_frames(pipe, self.limits) if self.video else None
+        self.defaults = defaults or Defaults.for_pipeline(pipe, self.limits)
         self.model_label = model_label or type(pipe).__name__
         self.text_encoder_lora = text_encoder_lora
+        self.switching, self.progress = switching, progress
+        self.call_kwargs = dict(call_kwargs or {})
         self._lock = threading.Lock()  # one generation or LoRA switch at a time, whatever the caller
         self.files = {"content": _lora_file(content, content_weight_name, "content LoRA"),
                       "style": _lora_file(style, style_weight_name, "style LoRA")}
+        for role, source, weight_name in (("content_2", content_2, content_2_weight_name),
+                                          ("style_2", style_2, style_2_weight_name)):
+            if source is not None:
+                self.files[role] = _lora_file(source, weight_name, f"{role[:-2]} LoRA (second expert)")
         self.warnings: list[str] = []
+        self._outputs = Path(tempfile.mkdtemp(prefix="klora-page-"))
+        self._generation = 0
         self.klora = self._attach(self.files)
+
+    # --- what the page offers ------------------------------------------------
+
+    @property
+    def controls(self) -> dict[str, bool]:
+        """Which optional fields apply to this pipeline."""
+        return {"negative_prompt": "negative_prompt" in self.takes,
+                "guidance": "guidance_scale" in self.takes and self.defaults.guidance is not None,
+                "true_cfg": "true_cfg_scale" in self.takes,
+                "frames": self.video}
 
     # --- LoRAs ---------------------------------------------------------------
 
@@ -128,15 +229,16 @@ class Studio:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # One logged generation is all the page shows; keep no history.
-            klora = KLoRA(self.pipe, files["content"], files["style"], text_encoder_lora=self.text_encoder_lora,
-                          max_logged_generations=1)
+            klora = KLoRA(self.pipe, files["content"], files["style"], content_2=files.get("content_2"),
+                          style_2=files.get("style_2"), text_encoder_lora=self.text_encoder_lora,
+                          switching=self.switching, progress=self.progress, max_logged_generations=1)
         self.warnings = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         return klora
 
     def switch_loras(self, content=None, style=None, *, content_weight_name=None, style_weight_name=None) -> KLoRA:
         """Replace one or both LoRAs (path, hub id or ``LoRAFile``; None keeps the current one).
 
-        New files are read and checked against the denoiser before the current
+        New files are read and checked against every denoiser before the current
         K-LoRA is touched; if attaching still fails, the previous LoRAs come back.
         """
         sources = {"content": (content, content_weight_name), "style": (style, style_weight_name)}
@@ -145,10 +247,17 @@ class Studio:
         with self._lock:
             new = dict(self.files)
             for role, (source, weight_name) in sources.items():
-                if source is not None:
-                    new[role] = _lora_file(source, weight_name, f"{role} LoRA")
-                    adapter = loras.to_denoiser_adapter(new[role], self.klora.denoiser)
-                    loras.check_fits(adapter, self.klora.denoiser, new[role].label)
+                if source is None:
+                    continue
+                new[role] = _lora_file(source, weight_name, f"{role} LoRA")
+                new.pop(f"{role}_2", None)  # the new LoRA goes into every expert
+                checked = set()
+                for denoiser in self.klora.denoisers.values():
+                    if type(denoiser) in checked:
+                        continue
+                    adapter = loras.to_denoiser_adapter(new[role], denoiser, self.family)
+                    loras.check_fits(adapter, denoiser, new[role].label, self.family, new[role])
+                    checked.add(type(denoiser))
             self.klora.detach()
             try:
                 self.klora = self._attach(new)
@@ -160,13 +269,15 @@ class Studio:
 
     def describe_loras(self) -> str:
         k = self.klora
-        return (f"{self.files['content'].label}  \n{self.files['style'].label}  \n"
-                f"K-LoRA chooses per step in {len(k.paths)} layers ({len(k.only)} more use one LoRA only); "
-                f"gamma {k.gamma:.4g}")
+        labels = "  \n".join(f.label for f in self.files.values())
+        return (f"{labels}  \nK-LoRA chooses per step in {len(k.paths)} layers ({len(k.only)} more use one "
+                f"LoRA only); gamma {gamma_text(k.gamma)}; {k.switching} switching, progress by {self.progress}")
 
     # --- generation ----------------------------------------------------------
 
-    def check(self, prompt, negative_prompt, method, pattern, alpha, beta, steps, guidance, seed, height, width):
+    def check(self, *, prompt, negative_prompt="", method="klora", pattern="s*", alpha=rule.DEFAULT_ALPHA,
+              beta=None, steps, guidance=None, true_cfg=None, seed=0, height, width, num_frames=None,
+              fps=None) -> None:
         """Refuse out-of-range requests with a one-line ``KLoRAError`` before anything runs."""
         lim = self.limits
         if not isinstance(prompt, str) or not prompt.strip():
@@ -184,29 +295,43 @@ class Studio:
             raise KLoRAError(f"beta must be in [-{MAX_ABS_BETA:g}, {MAX_ABS_BETA:g}], got {beta}")
         if not _whole(steps) or not 1 <= steps <= lim.max_steps:
             raise KLoRAError(f"steps must be a whole number from 1 to {lim.max_steps}, got {steps}")
-        if not _number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-            raise KLoRAError(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
+        for name, value in (("guidance", guidance), ("true CFG scale", true_cfg)):
+            if value is not None and (not _number(value) or not 0 <= value <= MAX_GUIDANCE):
+                raise KLoRAError(f"{name} must be in [0, {MAX_GUIDANCE:g}], got {value}")
         if seed is not None and (not _whole(seed) or not 0 <= seed <= MAX_SEED):
             raise KLoRAError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
         m = self.size_multiple
         for name, side in (("height", height), ("width", width)):
             if not _whole(side) or side < m or side % m or side > lim.max_side:
                 raise KLoRAError(f"{name} must be a multiple of {m} from {m} to {lim.max_side}, got {side}")
+        if self.video:
+            step, most = self.frame_step, self.max_frames
+            if not _whole(num_frames) or not 1 <= num_frames <= most or (num_frames - 1) % step:
+                raise KLoRAError(f"frames must be {frames_rule(step)}, from 1 to {most}, got {num_frames}")
+            if not _whole(fps) or not 1 <= fps <= MAX_FPS:
+                raise KLoRAError(f"fps must be a whole number from 1 to {MAX_FPS}, got {fps}")
 
     def generate(self, prompt, negative_prompt="", *, method="klora", pattern="s*", alpha=rule.DEFAULT_ALPHA,
-                 beta=None, steps=None, guidance=None, seed=0, height=None, width=None,
-                 should_stop=None, on_step=None) -> Result:
-        """One image with the current LoRAs; ``seed=None`` draws a random seed.
+                 beta=None, steps=None, guidance=None, true_cfg=None, seed=0, height=None, width=None,
+                 num_frames=None, fps=None, should_stop=None, on_step=None) -> Result:
+        """One image (or clip) with the current LoRAs; ``seed=None`` draws a random seed.
 
-        ``should_stop()`` is asked after every step; True ends the denoising loop
-        (diffusers' ``_interrupt``). ``on_step(done, total)`` reports progress.
+        Fields left at None take ``self.defaults``. ``should_stop()`` is asked after
+        every step; True ends the denoising loop (diffusers' ``_interrupt``).
+        ``on_step(done, total)`` reports progress.
         """
         d = self.defaults
         steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else guidance
-        height = d.size if height is None else height
-        width = d.size if width is None else width
-        self.check(prompt, negative_prompt, method, pattern, alpha, beta, steps, guidance, seed, height, width)
+        true_cfg = d.true_cfg if true_cfg is None else true_cfg
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        if self.video:
+            num_frames = d.num_frames if num_frames is None else num_frames
+            fps = d.fps if fps is None else fps
+        self.check(prompt=prompt, negative_prompt=negative_prompt, method=method, pattern=pattern, alpha=alpha,
+                   beta=beta, steps=steps, guidance=guidance, true_cfg=true_cfg, seed=seed, height=height,
+                   width=width, num_frames=num_frames, fps=fps)
         steps, height, width = int(steps), int(height), int(width)
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None else int(seed)
         done = [0]
@@ -221,30 +346,71 @@ class Studio:
                 pipe._interrupt = True  # diffusers skips the remaining steps of its loop
             return tensors
 
-        kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=float(guidance), height=height,
-                      width=width, generator=torch.Generator("cpu").manual_seed(seed),
-                      callback_on_step_end=after_step)
-        if negative_prompt and self.family == "unet":  # FLUX.1 takes no negative prompt without true CFG
+        kwargs = dict(prompt=prompt, num_inference_steps=steps, height=height, width=width,
+                      generator=torch.Generator("cpu").manual_seed(seed))
+        if guidance is not None and "guidance_scale" in self.takes:
+            kwargs["guidance_scale"] = float(guidance)
+        if true_cfg is not None and "true_cfg_scale" in self.takes:
+            kwargs["true_cfg_scale"] = float(true_cfg)
+        if negative_prompt and "negative_prompt" in self.takes:
             kwargs["negative_prompt"] = negative_prompt
+        if self.video:
+            num_frames, fps = int(num_frames), int(fps)
+            kwargs.update(num_frames=num_frames, output_type="np")
+            for name in video.FPS_ARGUMENTS:  # LTX conditions on the frame rate
+                if name in self.takes:
+                    kwargs[name] = fps
+        if "callback_on_step_end" in self.takes:
+            kwargs["callback_on_step_end"] = after_step
+        kwargs.update(self.call_kwargs)
         with self._lock:
             self.klora.set_schedule(pattern, float(alpha), None if beta is None else float(beta))
             self.klora.set_method(method)
             start = time.perf_counter()
-            image = self.pipe(**kwargs).images[0]
+            output = self.pipe(**kwargs)
             seconds = time.perf_counter() - start
-            drawn = None
+            folder = self._output_folder()
+            tag = f"{method_tag(method, pattern)}_seed{seed}"
+            image = frames = clip = None
+            if self.video:
+                frames = output.frames[0]
+                clip = str(folder / f"{tag}.mp4")
+                video.write_mp4(video.to_uint8(frames), clip, fps, progress=False)
+            else:
+                image = output.images[0]
+            drawn = log_path = None
             if method == "klora" and not stopped[0]:
                 drawn = selection_map.render(self.klora.selection_log())
+                log_path = str(folder / f"{tag}_selection_log.json")
+                self.klora.save_selection_log(log_path)
             k = self.klora
-            schedule = f"pattern {k.pattern}, alpha {k.alpha:g}, beta {k.beta:g}, gamma {k.gamma:.4g}"
+            schedule = f"pattern {k.pattern}, alpha {k.alpha:g}, beta {k.beta:g}, gamma {gamma_text(k.gamma)}"
         how = f"K-LoRA ({schedule})" if method == "klora" else METHOD_NOTES[method]
+        size = f"{width}×{height}" + (f" · {num_frames} frames at {fps} fps" if self.video else "")
         summary = (f"{'Stopped after' if stopped[0] else 'Generated in'} {seconds:.2f} s "
-                   f"({done[0]} of {steps} steps) · seed {seed} · {width}×{height} · {how}")
-        return Result(image=image, selection_map=drawn, seed=seed, seconds=seconds, steps_done=done[0],
-                      stopped=stopped[0], summary=summary)
+                   f"({done[0]} of {steps} steps) · seed {seed} · {size} · {how}")
+        return Result(image=image, video=clip, frames=frames, selection_map=drawn, selection_log=log_path,
+                      seed=seed, seconds=seconds, steps_done=done[0], stopped=stopped[0], summary=summary)
+
+    def _output_folder(self) -> Path:
+        """A fresh folder for one generation's files; the oldest beyond ``KEPT_OUTPUTS`` go."""
+        self._generation += 1
+        folder = self._outputs / f"{self._generation:06d}"
+        folder.mkdir()
+        for old in sorted(self._outputs.iterdir())[:-self.KEPT_OUTPUTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
 
     def close(self) -> None:
         self.klora.detach()
+        shutil.rmtree(self._outputs, ignore_errors=True)
+
+
+def gamma_text(gamma) -> str:
+    """One gamma, or one per expert ("transformer 1.37, transformer_2 1.41")."""
+    if isinstance(gamma, dict):
+        return ", ".join(f"{component} {value:.4g}" for component, value in gamma.items())
+    return f"{gamma:.4g}"
 
 
 def _lora_file(source, weight_name, role) -> loras.LoRAFile:
@@ -275,56 +441,78 @@ def _whole(value) -> bool:
     return _number(value) and float(value).is_integer()
 
 
-def model_family(name_or_path: str) -> str:
-    """'unet' or 'transformer', from the pipeline's model_index.json (a small file, no weights)."""
-    from diffusers import DiffusionPipeline
+def _float_or_none(value) -> float | None:
+    return float(value) if _number(value) else None
 
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    try:
-        index = DiffusionPipeline.load_config(str(path) if path.exists() else text)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise KLoRAError(f"--pretrained_model_name_or_path '{name_or_path}': no model_index.json "
-                         f"({type(exc).__name__}: {first})") from None
-    if "transformer" in index and "unet" not in index:
-        return "transformer"
-    return "unet"
+
+def _fit_int(value, fallback: int, low: int, high: int) -> int:
+    return min(max(int(value) if _whole(value) else fallback, low), high)
+
+
+def _fit_side(side: int, multiple: int, max_side: int) -> int:
+    return max(multiple, min(int(side), max_side) // multiple * multiple)
+
+
+def _config_of(pipe, family: Family) -> dict:
+    return dict(getattr(getattr(pipe, family.denoisers[0], None), "config", None) or {})
+
+
+def _default_sides(pipe, family: Family, own: dict) -> tuple[int, int]:
+    """(height, width) the pipeline makes when none is given, as its ``__call__`` computes them."""
+    if _whole(own.get("height")) and _whole(own.get("width")):
+        return int(own["height"]), int(own["width"])
+    config = _config_of(pipe, family)
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
+    sample = getattr(pipe, "default_sample_size", None) or config.get("sample_size")
+    if _whole(scale) and _whole(sample):
+        return int(sample * scale), int(sample * scale)
+    if _whole(scale) and _whole(config.get("sample_height")) and _whole(config.get("sample_width")):
+        return int(config["sample_height"] * scale), int(config["sample_width"] * scale)
+    return 1024, 1024
 
 
 # --- the page ----------------------------------------------------------------
 
 def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-LoRA"):
-    """The gradio Blocks page over ``studio``; queued, one generation at a time."""
+    """The gradio Blocks page over ``studio``; queued, one generation at a time.
+
+    The ``/generate`` endpoint has the same inputs and outputs for every family;
+    fields a pipeline does not take are hidden on the page and ignored.
+    """
     import gradio as gr
 
-    lim, d = studio.limits, studio.defaults
+    lim, d, shows = studio.limits, studio.defaults, studio.controls
     stops = _StopRequests()
     m = studio.size_multiple
+    is_video = studio.video
 
     def visible_error(exc: Exception):
         return gr.Error(str(exc), print_exception=False)
 
-    def generate(prompt, negative_prompt, method, pattern, alpha, beta, steps, guidance, seed, random_seed,
-                 width, height, request: gr.Request, progress=gr.Progress()):
+    def generate(prompt, negative_prompt, method, pattern, alpha, beta, steps, guidance, true_cfg, seed,
+                 random_seed, width, height, num_frames, fps, request: gr.Request, progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         stops.begin(session)
         try:
             result = studio.generate(
-                prompt, negative_prompt, method=method, pattern=pattern, alpha=alpha, beta=beta, steps=steps,
-                guidance=guidance, seed=None if random_seed else seed, height=height, width=width,
+                prompt, negative_prompt if shows["negative_prompt"] else "", method=method, pattern=pattern,
+                alpha=alpha, beta=beta, steps=steps, guidance=guidance if shows["guidance"] else None,
+                true_cfg=true_cfg if shows["true_cfg"] else None, seed=None if random_seed else seed,
+                height=height, width=width, num_frames=num_frames if is_video else None, fps=fps if is_video else None,
                 should_stop=lambda: stops.wanted(session),
                 on_step=lambda i, n: progress((i, n), desc="denoising", unit="steps"))
         except KLoRAError as exc:
             raise visible_error(exc) from None
         except torch.cuda.OutOfMemoryError:
-            raise gr.Error("out of GPU memory: try a smaller size", print_exception=False) from None
+            raise gr.Error("out of GPU memory: try a smaller size" + (" or fewer frames" if is_video else ""),
+                           print_exception=False) from None
         finally:
             stops.done(session)
         if result.stopped:
             print(f"generation cancelled after {result.steps_done} of {int(steps)} steps", file=sys.stderr, flush=True)
             raise gr.Error(f"cancelled after {result.steps_done} of {int(steps)} steps", print_exception=False)
-        return result.image, result.selection_map, result.seed, result.summary
+        return (result.image, result.video, result.selection_map, result.selection_log, result.seed,
+                result.summary)
 
     def cancel(request: gr.Request):
         stops.request(getattr(request, "session_hash", None) or "")
@@ -361,17 +549,20 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
         except (TypeError, ValueError):
             return gr.skip()
 
-    # Generated images and uploads live in gradio's cache; clear what is older than an hour.
+    family = studio.family
+    kind = f"{family.name} {family.output} model, {type(studio.pipe).__name__}"
+    frame_step_ = studio.frame_step or 1
+    # Generated files and uploads live in gradio's cache; clear what is older than an hour.
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"## K-LoRA: a subject LoRA in a style LoRA's style\nBase model: `{studio.model_label}` "
-                    f"({'Stable Diffusion UNet' if studio.family == 'unet' else 'FLUX transformer'})")
+                    f"({kind})", elem_id="model-info")
         lora_info = gr.Markdown(studio.describe_loras(), elem_id="lora-info")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(d.prompt, label="Prompt (include both LoRAs' trigger words)", lines=2,
                                     max_length=lim.max_prompt_chars, elem_id="prompt")
                 negative = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=1,
-                                      max_length=lim.max_prompt_chars, visible=studio.family == "unet",
+                                      max_length=lim.max_prompt_chars, visible=shows["negative_prompt"],
                                       elem_id="negative-prompt")
                 method = gr.Radio(list(METHODS), value="klora", label="Method (compare K-LoRA with its baselines)",
                                   elem_id="method")
@@ -384,13 +575,22 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(d.steps, lim.max_steps), step=1, label="Steps",
                                       elem_id="steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=d.guidance, step=0.1, label="Guidance",
-                                         elem_id="guidance")
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=d.guidance or 0.0, step=0.1, label="Guidance",
+                                         visible=shows["guidance"], elem_id="guidance")
+                    true_cfg = gr.Slider(0, MAX_GUIDANCE, value=d.true_cfg or 1.0, step=0.1,
+                                         label="True CFG scale (above 1, with a negative prompt: two passes a step)",
+                                         visible=shows["true_cfg"], elem_id="true-cfg")
                 with gr.Row():
-                    width = gr.Slider(m, lim.max_side, value=min(d.size, lim.max_side), step=m, label="Width",
+                    width = gr.Slider(m, lim.max_side, value=min(d.width, lim.max_side), step=m, label="Width",
                                       elem_id="width")
-                    height = gr.Slider(m, lim.max_side, value=min(d.size, lim.max_side), step=m, label="Height",
+                    height = gr.Slider(m, lim.max_side, value=min(d.height, lim.max_side), step=m, label="Height",
                                        elem_id="height")
+                with gr.Row(visible=is_video):
+                    num_frames = gr.Slider(1, studio.max_frames or lim.max_frames, value=d.num_frames or 1,
+                                           step=frame_step_,
+                                           label=f"Frames ({frames_rule(frame_step_)})", elem_id="num-frames")
+                    fps = gr.Slider(1, MAX_FPS, value=d.fps or video.FALLBACK_FPS, step=1, label="Frames per second",
+                                    elem_id="fps")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", minimum=0, maximum=MAX_SEED, precision=0, elem_id="seed")
                     random_seed = gr.Checkbox(False, label="Random seed", elem_id="random-seed")
@@ -420,16 +620,23 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                     load = gr.Button("Load LoRAs", elem_id="load-loras")
             with gr.Column(scale=1):
                 image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=512,
-                                 elem_id="image")
+                                 visible=not is_video, elem_id="image")
+                clip = gr.Video(label="Video", format="mp4", interactive=False, height=512, loop=True,
+                                visible=is_video, elem_id="video")
                 summary = gr.Markdown(elem_id="summary")
-                gr.Markdown("**Selection map** of the last K-LoRA image: one row per layer both LoRAs adapt, "
-                            "one column per step; orange = content LoRA, blue = style LoRA.")
+                experts = " (one panel per expert)" if studio.klora.multi else ""
+                gr.Markdown(f"**Selection map** of the last K-LoRA {'clip' if is_video else 'image'}{experts}: one row "
+                            "per layer both LoRAs adapt, one column per step; orange = content LoRA, "
+                            "blue = style LoRA. The selection log below has every layer's statistics and every "
+                            "step's choices.")
                 selection = gr.Image(label="Selection map", show_label=False, type="pil", format="png",
                                      interactive=False, height=420, elem_id="selection")
+                log_file = gr.File(label="Selection log (JSON)", interactive=False, elem_id="selection-log")
 
         pattern.change(default_beta, [pattern, alpha], beta, queue=False, api_visibility="private")
-        event = run.click(generate, [prompt, negative, method, pattern, alpha, beta, steps, guidance, seed,
-                                     random_seed, width, height], [image, selection, seed, summary],
+        event = run.click(generate, [prompt, negative, method, pattern, alpha, beta, steps, guidance, true_cfg, seed,
+                                     random_seed, width, height, num_frames, fps],
+                          [image, clip, selection, log_file, seed, summary],
                           api_name="generate", concurrency_id="model", concurrency_limit=1)
         stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")
         load.click(switch, [content_path, content_upload, content_weight, style_path, style_upload, style_weight],
@@ -445,6 +652,6 @@ def serve(demo, limits: Limits | None = None, *, server_name: str = "127.0.0.1",
     limits = limits or Limits()
     return demo.launch(server_name=server_name, server_port=server_port, share=share,
                        prevent_thread_lock=prevent_thread_lock, quiet=quiet,
-                       allowed_paths=[],  # nothing but gradio's own cache of generated images and uploads
+                       allowed_paths=[],  # nothing but gradio's own cache of generated files and uploads
                        max_file_size=limits.max_upload, show_error=False, ssr_mode=False,
                        mcp_server=False, footer_links=["api"])
