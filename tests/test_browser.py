@@ -1,8 +1,10 @@
 """``inference_gradio.py --demo`` as a user runs it, checked over HTTP and in headless Chromium.
 
-The script is started once for this module. The browser test needs Debian's
-``chromium`` (``.ci/run`` installs it) and the ``playwright`` Python package,
-which drives that browser instead of downloading its own.
+Two scripts are started once for this module, side by side: ``--demo`` (tiny
+SDXL, an image page) and ``--demo --demo_family wan22`` (tiny Wan 2.2, a video page). The
+browser tests need Debian's ``chromium`` (``.ci/run`` installs it) and the
+``playwright`` Python package, which drives that browser instead of
+downloading its own.
 
 ``KLORA_UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py`` also
 writes the page's screenshot to ``pictures/gradio_demo.png`` for the README.
@@ -10,6 +12,7 @@ writes the page's screenshot to ``pictures/gradio_demo.png`` for the README.
 
 import functools
 import io
+import json
 import os
 import shutil
 import socket
@@ -29,6 +32,9 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update"]
 DEMO_PROMPT = "a sbu dog in szn style"  # inference_gradio.DEMO_PROMPT
 SCREENSHOT = ROOT / "pictures" / "gradio_demo.png"
+# Every field of the page's /generate endpoint, at the SDXL demo's values.
+FIELDS = dict(prompt=DEMO_PROMPT, negative_prompt="", method="klora", pattern="s*", alpha=1.5, beta=None, steps=4,
+              guidance=5.0, true_cfg=1.0, seed=5, random_seed=False, width=64, height=64, num_frames=1, fps=16)
 
 
 def free_port() -> int:
@@ -37,41 +43,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    """``python inference_gradio.py --demo --server_port N``; yields (url, port, log path)."""
-    log = tmp_path_factory.mktemp("gradio") / "server.log"
+def start_demo(family: str, log) -> tuple[subprocess.Popen, int]:
+    """``python inference_gradio.py --demo --demo_family FAMILY --server_port N``, output to ``log``; no wait."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False",
                OMP_NUM_THREADS="1")
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(ROOT / "inference_gradio.py"), "--demo",
-                                    "--server_port", str(port)], cwd=ROOT, env=env, stdout=out,
+        process = subprocess.Popen([sys.executable, str(ROOT / "inference_gradio.py"), "--demo", "--demo_family",
+                                    family, "--server_port", str(port)], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"inference_gradio.py --demo exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    pass
-                if "Running on local URL" in log.read_text():
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"inference_gradio.py --demo did not serve within 240 s:\n{log.read_text()}")
-            time.sleep(0.3)
-        yield url, port, log
-    finally:
-        process.terminate()
+    return process, port
+
+
+def wait_until_serving(process, port: int, log, family: str) -> None:
+    deadline = time.monotonic() + 240
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"inference_gradio.py --demo --demo_family {family} exited with {process.returncode}:\n"
+                        f"{log.read_text()}")
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            if "Running on local URL" in log.read_text():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"inference_gradio.py --demo --demo_family {family} did not serve within 240 s:\n"
+                        f"{log.read_text()}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def demo_servers(tmp_path_factory):
+    """The image and the video demo, started together; {family: (url, port, log path)}."""
+    folder = tmp_path_factory.mktemp("gradio")
+    started = {family: (*start_demo(family, folder / f"{family}.log"), folder / f"{family}.log")
+               for family in ("sdxl", "wan22")}
+    try:
+        for family, (process, port, log) in started.items():
+            wait_until_serving(process, port, log, family)
+        yield {family: (f"http://127.0.0.1:{port}/", port, log) for family, (_, port, log) in started.items()}
+    finally:
+        for process, _, _ in started.values():
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_servers):
+    return demo_servers["sdxl"]
+
+
+@pytest.fixture(scope="module")
+def video_server(demo_servers):
+    return demo_servers["wan22"]
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +114,57 @@ def demo_reference(tiny_sdxl_dir, demo_sdxl_loras):
 
     @functools.cache
     def run(steps, seed, pattern="s*", size=64):
+        """(image, selection log) of the demo's settings."""
         klora = KLoRA(pipe, *demo_sdxl_loras, pattern=pattern)
         try:
-            return pipe(prompt=DEMO_PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
-                        generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            image = pipe(prompt=DEMO_PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
+                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            return image, klora.selection_log()
         finally:
             klora.detach()
 
     return run
+
+
+@pytest.fixture(scope="module")
+def video_reference(tmp_path_factory):
+    """``--demo --demo_family wan22``'s clip by the library alone: the same tiny Wan 2.2 and LoRAs (same seeds),
+    its frames written as inference_video.py writes them. ``run(seed) -> (MP4 path, selection log)``."""
+    from klora import video
+    from klora.fusion import KLoRA
+    from klora.pipelines import load_pipeline
+    from klora.tiny_video import TINY_VIDEO_CALL_KWARGS, TINY_VIDEO_SIZES, build_tiny_video, write_demo_video_loras
+
+    folder = tmp_path_factory.mktemp("wan22-reference")
+    pipe = load_pipeline(build_tiny_video("wan22", folder / "model"), device="cpu")
+    loras = write_demo_video_loras(pipe.transformer, folder)
+    height, width, frames = TINY_VIDEO_SIZES["wan22"]
+
+    def run(seed):
+        with KLoRA(pipe, *loras) as klora:
+            clip = pipe(prompt=DEMO_PROMPT, num_inference_steps=8, guidance_scale=5.0, height=height, width=width,
+                        num_frames=frames, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
+                        **TINY_VIDEO_CALL_KWARGS["wan22"]).frames[0]
+            path = video.write_mp4(video.to_uint8(clip), folder / f"seed{seed}.mp4", 16, progress=False)
+            return str(path), klora.selection_log()
+
+    return run
+
+
+def decoded(mp4) -> np.ndarray:
+    import imageio
+
+    with imageio.get_reader(mp4, format="FFMPEG") as reader:
+        return np.stack([frame for frame in reader])
+
+
+def same_log(got: dict, want: dict) -> bool:
+    """Equal selection logs, except the LoRA labels: they name the files, and each process wrote its own."""
+    def strip(log):
+        return {key: value for key, value in log.items() if key not in ("content", "style")}
+
+    return strip(got) == strip(want) and all(os.path.basename(want[role].strip("'")) in got[role]
+                                             for role in ("content", "style"))
 
 
 def same_pixels(got: Image.Image, want: Image.Image) -> bool:
@@ -123,11 +196,30 @@ def test_demo_script_starts_and_serves_the_library_image(demo_server, demo_refer
     url, port, _ = demo_server
     if sys.platform.startswith("linux"):
         assert listening_addresses(port) == {"127.0.0.1"}  # loopback only by default
-    image, drawn, seed, summary = Client(url, verbose=False).predict(
-        DEMO_PROMPT, "", "klora", "s*", 1.5, None, 4, 5.0, 5, False, 64, 64, api_name="/generate")
-    assert seed == 5 and summary.startswith("Generated in")
-    assert same_pixels(Image.open(image), demo_reference(4, 5))
+    image, video, drawn, log, seed, summary = Client(url, verbose=False).predict(**FIELDS, api_name="/generate")
+    assert seed == 5 and summary.startswith("Generated in") and video is None
+    want_image, want_log = demo_reference(4, 5)
+    assert same_pixels(Image.open(image), want_image)
     assert Image.open(drawn).size[0] >= 460  # a selection map, not an empty placeholder
+    with open(log) as f:
+        assert same_log(json.load(f), want_log)
+
+
+@pytest.mark.slow
+def test_video_demo_serves_the_library_clip(video_server, video_reference):
+    from gradio_client import Client
+
+    url, port, _ = video_server
+    if sys.platform.startswith("linux"):
+        assert listening_addresses(port) == {"127.0.0.1"}
+    image, video, drawn, log, seed, summary = Client(url, verbose=False).predict(
+        **{**FIELDS, "steps": 8, "seed": 3, "width": 16, "height": 16, "num_frames": 5}, api_name="/generate")
+    assert image is None and "5 frames at 16 fps" in summary
+    want_video, want_log = video_reference(3)
+    clip = decoded(video)
+    assert clip.shape == (5, 16, 16, 3) and np.array_equal(clip, decoded(want_video))
+    with open(log) as f:
+        assert same_log(json.load(f), want_log)
 
 
 @pytest.mark.slow
@@ -157,7 +249,9 @@ def test_page_in_headless_chromium(demo_server, demo_reference, tmp_path):
             expect(shown).to_be_visible()
             expect(page.locator("#selection img")).to_be_visible()
             png = page.request.get(shown.get_attribute("src")).body()
-            assert same_pixels(Image.open(io.BytesIO(png)), demo_reference(20, 5))
+            want_image, want_log = demo_reference(20, 5)
+            assert same_pixels(Image.open(io.BytesIO(png)), want_image)
+            assert same_log(download_json(page), want_log)
             shot = tmp_path / "gradio_demo.png"
             page.screenshot(path=str(shot), full_page=True)
             assert Image.open(shot).size[0] == 1280
@@ -176,7 +270,7 @@ def test_page_in_headless_chromium(demo_server, demo_reference, tmp_path):
             expect(page.locator("#summary")).to_contain_text("3 of 3 steps", timeout=60_000)
             expect(page.locator("#summary")).to_contain_text("pattern s, alpha 1.5, beta 0.5")
             png = page.request.get(page.locator("#image img").get_attribute("src")).body()
-            assert same_pixels(Image.open(io.BytesIO(png)), demo_reference(3, 5, pattern="s"))
+            assert same_pixels(Image.open(io.BytesIO(png)), demo_reference(3, 5, pattern="s")[0])
 
             # Cancel a long generation: the diffusers loop stops, the next one runs at once.
             set_number(page, "steps", 100)
@@ -207,3 +301,51 @@ def set_number(page, elem_id: str, value: int) -> None:
     from playwright.sync_api import expect
 
     expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value))
+
+
+def download_json(page) -> dict:
+    """Click the selection log's download link, as a user does; the downloaded file's JSON."""
+    with page.expect_download() as download:
+        page.locator("#selection-log a[download]").first.click()
+    with open(download.value.path()) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; "
+                                              ".ci/run does it)")
+def test_video_page_in_headless_chromium(video_server, video_reference):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _, _ = video_server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#generate")
+            expect(page.locator("#model-info")).to_contain_text("Wan video model, WanPipeline")
+            expect(page.locator("#image")).to_be_hidden()  # a video family: no image field
+            expect(page.locator("#num-frames input[type=number]")).to_have_value("5")  # the demo's 4k + 1 frames
+            page.locator("#prompt textarea").fill(DEMO_PROMPT)
+            page.locator("#seed input").fill("7")
+            page.click("#generate")
+            expect(page.locator("#summary")).to_contain_text("Generated in", timeout=120_000)
+            expect(page.locator("#summary")).to_contain_text("8 of 8 steps")
+            expect(page.locator("#summary")).to_contain_text("5 frames at 16 fps")
+            video = page.locator("#video video")
+            expect(video).to_be_visible()
+            source = video.get_attribute("src")
+            assert source and source.endswith(".mp4")
+            # Chromium itself decodes it: its metadata arrives and the duration is 5 frames at 16 fps.
+            page.wait_for_function("el => el.readyState >= 1", arg=video.element_handle(), timeout=30_000)
+            assert abs(video.evaluate("el => el.duration") - 5 / 16) < 0.05
+            expect(page.locator("#selection img")).to_be_visible()
+            want_video, want_log = video_reference(7)
+            mp4 = page.request.get(source).body()
+            assert mp4 == open(want_video, "rb").read()  # the same frames, encoded the same way
+            assert same_log(download_json(page), want_log)
+            if os.environ.get("KLORA_VIDEO_SCREENSHOT"):  # a path: where to keep a look at the video page
+                page.screenshot(path=os.environ["KLORA_VIDEO_SCREENSHOT"], full_page=True)
+        finally:
+            browser.close()
