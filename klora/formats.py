@@ -76,6 +76,15 @@ HUNYUAN_VIDEO_MODULES = (
     "final_layer.linear", "final_layer.adaLN_modulation.1",
 )
 
+# Every linear of the original FLUX.2 model (Black Forest Labs' flux2 repository, src/flux2/model.py).
+FLUX2_MODULES = (
+    *(f"double_blocks.{{i}}.{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
+    "single_blocks.{i}.linear1", "single_blocks.{i}.linear2",
+    "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)
+
 # loader -> (regex over module paths inside the denoiser, without "transformer.", anchored so that re.search and
 #            re.fullmatch agree; why those layers may be missing from a model the LoRA is otherwise fine for)
 _WAN_OPTIONAL = (
@@ -104,19 +113,28 @@ def prepare(tensors: dict[str, torch.Tensor], loader: str, label: str) -> tuple[
     if loader in HUNYUAN_VIDEO_LOADERS:
         return _prepare_hunyuan_video(tensors, label)
     if loader == "Flux2LoraLoaderMixin":
-        return _prepare_flux2(tensors), []
+        return _prepare_flux2(tensors, label), []
     return tensors, []
 
 
-def _prepare_flux2(tensors):
-    """FLUX.2 files in original names: diffusers sends lora_down/lora_up ones to its kohya converter,
-    which keeps nothing, and raises on .alpha keys. lora_A/lora_B with alpha / rank folded in reach its
-    non-diffusers converter exactly."""
+def _prepare_flux2(tensors, label):
+    """FLUX.2 files in original (BFL) or kohya names reach diffusers' non-diffusers converter as
+    ``diffusion_model.<BFL module>.lora_A/lora_B`` with alpha / rank folded in: its kohya converter
+    drops the modulation, final and guidance layers with only a log line, it sends original-name
+    lora_down/lora_up files to that kohya converter, and it raises on .alpha keys. BFL's final layer
+    outputs (shift, scale) where diffusers' norm_out has (scale, shift): B's halves are swapped."""
+    if any(k.startswith("lora_unet_") for k in tensors):
+        kohya = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+        rest = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_")}
+        tensors = {**rest, **{f"diffusion_model.{k}": v
+                              for k, v in _from_musubi(kohya, FLUX2_MODULES, "FLUX.2", label).items()}}
     if not any(k.startswith("diffusion_model.") for k in tensors):
         return tensors
     out = {k: v for k, v in tensors.items() if not k.startswith("diffusion_model.")}
     original = {k.removeprefix("diffusion_model."): v for k, v in tensors.items() if k.startswith("diffusion_model.")}
     for module, parts in _by_module(original).items():
+        if module == "final_layer.adaLN_modulation.1":
+            parts = {s: (torch.cat(t.chunk(2)[::-1]) if s in (*_UP, "diff_b") else t) for s, t in parts.items()}
         down, up = _pair(parts)
         alpha = parts.get("alpha")
         if down is None or up is None:
@@ -281,7 +299,7 @@ def _from_musubi(tensors, templates, family, label):
         else:
             out[f"{module}.{m[2]}"] = tensor
     if unknown:
-        raise _error(f"{label}: {len(unknown)} musubi-tuner key(s) name no layer of the original {family} "
+        raise _error(f"{label}: {len(unknown)} kohya/musubi-tuner key(s) name no layer of the original {family} "
                      f"model: {_summary(unknown)}")
     return out
 

@@ -207,10 +207,7 @@ class KLoRA:
                     key = f"{component}.{path}" if self.multi else path
                     roles = frozenset(role for role in ROLES if path in modules[role])
                     if roles == _BOTH:
-                        deltas = [_delta_from_adapter(adapters[role], path, device) for role in ROLES]
-                        ranks = [adapters[role].state_dict[f"{path}.lora_A.weight"].shape[0] for role in ROLES]
-                        layer_stats = rule.layer_stats(deltas[0], deltas[1], ranks[0], ranks[1])
-                        del deltas
+                        layer_stats = _layer_stats(adapters, path, device)
                         zero = [role for role, total in zip(ROLES, (layer_stats.content_abs_sum,
                                                                    layer_stats.style_abs_sum)) if total == 0]
                         if not zero:
@@ -238,7 +235,7 @@ class KLoRA:
                 other = "style" if role == "content" else "content"
                 warnings.warn(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the "
                               f"{other} LoRA is used there at every step", stacklevel=4)
-        if not any(self._shared.values()):
+        if not any(layer.roles == _BOTH for layer in self.layers):
             warnings.warn("the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
                           "choose, each LoRA is applied on its own layers", stacklevel=4)
 
@@ -760,6 +757,21 @@ def _stats_device(denoiser) -> torch.device:
         if parameter.device.type not in ("meta", "cpu"):
             return parameter.device
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _layer_stats(adapters, path: str, device) -> rule.LayerStats:
+    """The rule's statistics of one layer, one dense |dW| in memory at a time (a FLUX.2 or Wan
+    layer's update is a gigabyte in float32)."""
+    ranks = [adapters[role].state_dict[f"{path}.lora_A.weight"].shape[0] for role in ROLES]
+    k = ranks[0] * ranks[1]
+    sums = []
+    for role in ROLES:
+        magnitudes = _delta_from_adapter(adapters[role], path, device).abs_()
+        sums.append(rule.magnitude_sums(magnitudes, k))
+        del magnitudes
+    (content_topk, content_sum), (style_topk, style_sum) = sums
+    return rule.LayerStats(k=k, content_topk_sum=content_topk, style_topk_sum=style_topk,
+                           content_abs_sum=content_sum, style_abs_sum=style_sum)
 
 
 def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor:

@@ -143,9 +143,10 @@ def read(path: Path, role: str = "LoRA") -> LoRAFile:
         example = next(iter(tensors))
         raise LoRAError(f"{label}: not a LoRA (no lora_A/lora_B or lora_down/lora_up weights; first key "
                         f"'{example}': a full model checkpoint?)")
-    if any(key.endswith("dora_scale") for key in tensors):
-        raise LoRAError(f"{label}: a DoRA file (dora_scale keys); diffusers drops the magnitude vectors, which would "
-                        "change the weights, so DoRA files are refused")
+    if any(key.endswith(("dora_scale", "lora_magnitude_vector")) or ".lora_magnitude_vector." in key
+           for key in tensors):
+        raise LoRAError(f"{label}: a DoRA file (dora_scale / lora_magnitude_vector keys); K-LoRA chooses between "
+                        "plain low-rank updates and would drop the magnitude vectors, so DoRA files are refused")
     for line in checks.check_file(tensors, metadata, label):  # pairs, shapes, ranks, alphas, NaN/Inf, zeros
         warnings.warn(line, stacklevel=3)
     return LoRAFile(label=label, path=path, tensors=tensors, metadata=metadata)
@@ -234,7 +235,9 @@ def _to_denoiser_adapter(lora: LoRAFile, denoiser, family) -> DenoiserAdapter:
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     prefix = family.prefix
-    tensors = dict(lora.tensors)
+    # Half-precision files go to float32 first: converters fold alpha / rank into a factor in the
+    # file's own dtype (kohya FLUX), which would round the update away from what the file says.
+    tensors = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v) for k, v in lora.tensors.items()}
     # The paper's training script saved "unet.unet.<module>" keys; one "unet." is one too many.
     tensors = {(k[len("unet."):] if k.startswith("unet.unet.") else k): v for k, v in tensors.items()}
     if prefix == "transformer" and any(_UNET_BLOCK.search(k) for k in tensors):
@@ -277,6 +280,9 @@ def _to_denoiser_adapter(lora: LoRAFile, denoiser, family) -> DenoiserAdapter:
         if key.endswith(".lora_A.weight"):
             ranks[key[: -len(".lora_A.weight")]] = int(tensor.shape[0])
     if not ranks:
+        if any(k.startswith("lora_unet_") for k in tensors):
+            raise LoRAError(f"{lora.label}: kohya-style keys (lora_unet_...) that diffusers does not convert for "
+                            f"{family.name}; convert the file to the diffusers/PEFT format first")
         raise LoRAError(f"{lora.label}: no lora_A / lora_down weights for the {prefix}")
     config = _exact_config(ranks, module_alphas, _metadata_config(lora, prefix))
     config["lora_bias"] = any(k.endswith(".lora_B.bias") for k in ours)
@@ -384,11 +390,12 @@ def _exact_config(ranks: dict[str, int], alphas: dict[str, float], metadata: dic
         meta_config = LoraConfig(**{k: v for k, v in metadata.items() if k in allowed})
 
     per_module_alpha = {}
+    patterns = _alpha_patterns(meta_config) if meta_config is not None else []
     for module, rank in ranks.items():
         if module in alphas:
             per_module_alpha[module] = alphas[module]
         elif meta_config is not None:
-            per_module_alpha[module] = _config_alpha(meta_config, module, rank)
+            per_module_alpha[module] = _config_alpha(meta_config, patterns, module)
         else:
             per_module_alpha[module] = float(rank)  # diffusers convention: no alpha means scale 1
 
@@ -409,11 +416,17 @@ def _exact(module: str) -> str:
     return "^" + re.escape(module) + "$"
 
 
-def _config_alpha(config, module: str, rank: int) -> float:
+def _alpha_patterns(config) -> list:
+    """PEFT's alpha_pattern as compiled regexes, once per file (not once per layer and pattern)."""
+    return [(re.compile(rf"(.*\.)?({pattern})$"), re.compile(pattern.strip("^$")), float(value))
+            for pattern, value in (config.alpha_pattern or {}).items()]
+
+
+def _config_alpha(config, patterns: list, module: str) -> float:
     """The alpha a PEFT LoraConfig gives ``module``, in units where scale = alpha / rank."""
-    for pattern, value in (config.alpha_pattern or {}).items():  # the first match wins, as in PEFT
-        if re.match(rf"(.*\.)?({pattern})$", module) or re.fullmatch(pattern.strip("^$"), module):
-            return float(value)
+    for suffix, whole, value in patterns:  # the first match wins, as in PEFT
+        if suffix.match(module) or whole.fullmatch(module):
+            return value
     return float(config.lora_alpha)  # with use_rslora PEFT divides by sqrt(rank) itself
 
 

@@ -75,17 +75,18 @@ class LayerStats:
         return self.content_abs_sum / self.style_abs_sum if self.style_abs_sum > 0 else float("inf")
 
 
+def magnitude_sums(magnitudes: torch.Tensor, k: int) -> tuple[float, float]:
+    """(sum of the ``k`` largest, sum of all) of a tensor of absolute values |dW|."""
+    return _topk_sum_of_abs(magnitudes, k), float(magnitudes.sum())
+
+
 def layer_stats(content_delta: torch.Tensor, style_delta: torch.Tensor,
                 content_rank: int, style_rank: int) -> LayerStats:
     k = int(content_rank) * int(style_rank)
-    content_abs, style_abs = content_delta.detach().float().abs(), style_delta.detach().float().abs()
-    return LayerStats(
-        k=k,
-        content_topk_sum=_topk_sum_of_abs(content_abs, k),
-        style_topk_sum=_topk_sum_of_abs(style_abs, k),
-        content_abs_sum=float(content_abs.sum()),
-        style_abs_sum=float(style_abs.sum()),
-    )
+    content_topk, content_sum = magnitude_sums(content_delta.detach().float().abs(), k)
+    style_topk, style_sum = magnitude_sums(style_delta.detach().float().abs(), k)
+    return LayerStats(k=k, content_topk_sum=content_topk, style_topk_sum=style_topk,
+                      content_abs_sum=content_sum, style_abs_sum=style_sum)
 
 
 def gamma_from_ratios(ratios: list[float]) -> float:

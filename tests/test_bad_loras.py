@@ -346,9 +346,6 @@ def test_an_all_zero_lora_warns_and_the_other_lora_acts_alone(zero, demo_sdxl_lo
     assert all(step["choices"] == {} for step in log["generations"][0]["steps"])
 
 
-@pytest.mark.xfail(strict=True, reason="engine: with an all-zero LoRA, fusion also warns 'the content and style "
-                                       "LoRAs adapt no layer in common ... each LoRA is applied on its own layers', "
-                                       "which is untrue: both adapt the same layers and only one acts")
 def test_an_all_zero_lora_gets_no_contradicting_warning(demo_sdxl_loras, sd_argv, tmp_path, capfd, monkeypatch):
     file = bad.read(demo_sdxl_loras[0])
     path = bad.write(tmp_path / "zero.safetensors", *bad.zero_layers(file, bad.layers(file[0]), "A"))
@@ -416,9 +413,6 @@ def test_an_all_zero_lora_from_a_real_process(demo_sdxl_loras, real_processes):
     assert "gamma 1," in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="engine: a PEFT DoRA file (diffusers' save_lora_weights with use_dora: "
-                                       "'lora_magnitude_vector' keys) loads as a plain LoRA, its magnitudes dropped "
-                                       "in silence; only kohya's 'dora_scale' is refused")
 def test_a_peft_dora_file_is_refused(demo_sdxl_loras, sd_argv, tmp_path, capfd, monkeypatch):
     tensors, metadata = bad.read(demo_sdxl_loras[0])
     for layer in bad.layers(tensors):
@@ -608,18 +602,12 @@ def flux_setup(tiny_flux_dir, tmp_path_factory):
     return pipe, path, peft_truth(path, "transformer")
 
 
-ROUNDED = pytest.mark.xfail(strict=True, reason="formats: diffusers' kohya FLUX converter multiplies lora_down by "
-                                                "alpha / rank in the file's own dtype: one fp16/bf16 rounding of every "
-                                                "factor (~0.3% of the update in bf16) unless alpha / rank is a power "
-                                                "of two")
 FLUX_FILES = [(name, "fp32") for name in FLUX_FORMATS] + [
     ("diffusers", "fp16"), ("diffusers", "bf16"), ("xlabs", "bf16"), ("kohya", "fp16"), ("kohya", "bf16")]
-FLUX_APPLIED = [pytest.param(*case, marks=ROUNDED) if case[0] == "kohya" and case[1] != "fp32" else case
-                for case in FLUX_FILES]
 
 
 @pytest.mark.parametrize("switching", ["fused", "adapters"])
-@pytest.mark.parametrize("name,dtype", FLUX_APPLIED)
+@pytest.mark.parametrize("name,dtype", FLUX_FILES)
 def test_every_flux_format_is_applied_as_written(name, dtype, switching, flux_setup, tmp_path):
     pipe, style, style_truth = flux_setup
     path = tmp_path / f"{name}_{dtype}.safetensors"

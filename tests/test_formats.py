@@ -283,7 +283,7 @@ def test_wan_unknown_musubi_layer_is_refused():
                "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.ones(24, 2),
                "lora_unet_blocks_0_modulation_x.lora_down.weight": torch.ones(2, 24),
                "lora_unet_blocks_0_modulation_x.lora_up.weight": torch.ones(24, 2)}
-    message = r"^style LoRA 'x.safetensors': 2 musubi-tuner key\(s\).*blocks_\*_modulation_x"
+    message = r"^style LoRA 'x.safetensors': 2 kohya/musubi-tuner key\(s\).*blocks_\*_modulation_x"
     with pytest.raises(LoRAError, match=message):
         formats.prepare(tensors, WAN, LABEL)
 
@@ -457,5 +457,5 @@ def test_hunyuan_video_diff_b_and_diff(hunyuan, tmp_path):
 def test_hunyuan_video_unknown_musubi_layer_is_refused():
     tensors = {"lora_unet_double_blocks_0_img_attn_qkv_x.lora_down.weight": torch.ones(2, 20),
                "lora_unet_double_blocks_0_img_attn_qkv_x.lora_up.weight": torch.ones(60, 2)}
-    with pytest.raises(LoRAError, match=r"^style LoRA 'x.safetensors': 2 musubi-tuner key\(s\) name no layer"):
+    with pytest.raises(LoRAError, match=r"^style LoRA 'x.safetensors': 2 kohya/musubi-tuner key\(s\) name no layer"):
         formats.prepare(tensors, HUNYUAN, LABEL)

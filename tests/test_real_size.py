@@ -236,18 +236,6 @@ def flux2_layers(model, name, keep=lambda original: True, seed=0):
     return units, layers_for(model, units.values(), rank=rank, alpha=alpha, seed=seed)
 
 
-def not_final_modulation(original):
-    return original != "final_layer.adaLN_modulation.1"  # see the xfail below
-
-
-# What diffusers' kohya FLUX.2 converter maps: the blocks, the input embedders, time_in and the final linear.
-KOHYA_FLUX2_OUTSIDE = {"img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear"}
-
-
-def kohya_flux2(original):
-    return original.startswith(("double_blocks.", "single_blocks.")) or original in KOHYA_FLUX2_OUTSIDE
-
-
 @pytest.mark.parametrize("layout", ["peft", "ai-toolkit diffusion_model lora_A, alpha baked",
                                     "comfyui diffusion_model lora_down + alpha", "kohya lora_unet_ + alpha"])
 def test_flux2_files_map_onto_every_layer_they_name(layout, flux2, tmp_path):
@@ -258,10 +246,11 @@ def test_flux2_files_map_onto_every_layer_they_name(layout, flux2, tmp_path):
         # q/k/v share one A here; a diffusers file holds a copy per module (safetensors stores no shared tensors)
         write_peft(path, {m: (A.clone(), B, a) for m, (A, B, a) in layers.items()}, prefix="transformer")
     elif layout == "kohya lora_unet_ + alpha":
-        units, layers = flux2_layers(model, name, keep=kohya_flux2)
+        # diffusers' own kohya converter would drop the modulation, final and guidance layers with a log line
+        units, layers = flux2_layers(model, name)
         write_flux2_kohya(path, layers, units)
-    else:  # every BFL linear but the final modulation (see the xfail below)
-        units, layers = flux2_layers(model, name, keep=not_final_modulation)
+    else:  # every BFL linear, the final modulation's (shift, scale) halves included
+        units, layers = flux2_layers(model, name)
         if layout == "ai-toolkit diffusion_model lora_A, alpha baked":
             write_flux2_original(path, layers, units)
             notes = (NO_ALPHA,)
@@ -270,17 +259,12 @@ def test_flux2_files_map_onto_every_layer_they_name(layout, flux2, tmp_path):
     check_exact(path, model, layers, [m for parts in units.values() for m in parts], notes=notes)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: FLUX.2 final_layer.adaLN_modulation.1 computes (shift, scale), "
-                   "diffusers' norm_out.linear (scale, shift); diffusers' LoRA converter maps it without swapping "
-                   "lora_B's halves, so the update lands on the wrong half, silently")
 def test_flux2_final_modulation_keeps_shift_and_scale_apart(klein_4b, tmp_path):
     units, layers = flux2_layers(klein_4b, "klein-4B", keep=lambda o: o == "final_layer.adaLN_modulation.1")
     write_flux2_original(tmp_path / "lora.safetensors", layers, units)
     check_exact(tmp_path / "lora.safetensors", klein_4b, layers, ["norm_out.linear"], notes=(NO_ALPHA,))
 
 
-@pytest.mark.xfail(strict=True, reason="engine: kohya FLUX.2 layers diffusers' kohya converter leaves out "
-                   "(double/single_stream_modulation, final_layer.adaLN_modulation.1) are dropped without a word")
 def test_flux2_kohya_layers_diffusers_does_not_map_are_not_dropped_silently(klein_4b, tmp_path):
     units, layers = flux2_layers(klein_4b, "klein-4B", keep=lambda o: o.startswith("double_blocks.0.")
                                  or "modulation" in o)
@@ -326,9 +310,6 @@ def test_an_sd35_kohya_file_is_refused_not_loaded_empty(sd35_large, sd35_kohya_f
         convert(sd35_kohya_file, sd35_large)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: an SD3 kohya file is refused with 'no lora_A / lora_down weights for "
-                   "the transformer', though it holds 377 lora_down weights; the line should say that its kohya "
-                   "names (lora_unet_joint_blocks_...) are a layout diffusers does not convert for SD3")
 def test_the_sd35_kohya_refusal_says_what_the_file_is(sd35_large, sd35_kohya_file):
     with pytest.raises(loras.LoRAError) as refusal:
         convert(sd35_kohya_file, sd35_large)
@@ -517,8 +498,7 @@ def test_klora_on_qwen_image_logs_the_real_module_paths(qwen_image, tmp_path):
 @pytest.mark.slow
 def test_klora_on_flux2_klein_logs_the_real_module_paths(klein_4b, tmp_path):
     config = FLUX2["klein-4B"]
-    units = {o: p for o, p in flux2_units(config["num_layers"], config["num_single_layers"], False).items()
-             if not_final_modulation(o)}
+    units = flux2_units(config["num_layers"], config["num_single_layers"], False)
     kept = set(some_blocks(list(units.values())))
     units = {o: p for o, p in units.items() if p in kept}
     content = layers_for(klein_4b, units.values(), alpha=2.0, seed=1)
