@@ -156,21 +156,11 @@ class KLoRA:
 
     def files_for(self, component: str) -> dict[str, str]:
         """{role: file key} used for ``component``: the ``_2`` files go to the second denoiser."""
-        second = self.multi and component == list(self.denoisers)[1]
-        return {role: (f"{role}_2" if second and f"{role}_2" in self.labels else role) for role in ROLES}
+        return _files_for(list(self.denoisers), component, self.labels)
 
     def _convert(self, files) -> dict:
-        """{(component, role): DenoiserAdapter}, every LoRA checked against its denoiser before any is loaded."""
-        adapters, converted, notes = {}, {}, []
-        for component, denoiser in self.denoisers.items():
-            for role, key in self.files_for(component).items():
-                cache = (key, type(denoiser))  # conversion depends on the file and the model class only
-                if cache not in converted:
-                    converted[cache] = loras.to_denoiser_adapter(files[key], denoiser, self.family)
-                adapter = _copy_adapter(converted[cache])
-                notes += loras.check_fits(adapter, denoiser, files[key].label, self.family, files[key])
-                adapters[component, role] = adapter
-        for line in dict.fromkeys(notes):  # one line per file, not one per expert
+        adapters, notes = _convert_all(self.family, self.denoisers, files)
+        for line in notes:
             warnings.warn(line, stacklevel=4)
         return adapters
 
@@ -511,6 +501,45 @@ class KLoRA:
 def attach(target, content, style, **kwargs) -> KLoRA:
     """Attach K-LoRA to a pipeline or denoiser; ``detach()`` the result to remove it."""
     return KLoRA(target, content, style, **kwargs)
+
+
+def check_loras(name_or_path, files: dict[str, loras.LoRAFile]) -> list[str]:
+    """Check LoRA files against a model before its weights are loaded: the model's denoisers are
+    built on the meta device from their configs. ``files``: {"content": ..., "style": ...,
+    "content_2"?: ..., "style_2"?: ...}. Raises ``LoRAError``; returns the warning lines
+    ``KLoRA`` will give. Does nothing when the configs cannot be read (the load reports that)."""
+    from .pipelines import empty_denoisers, family_for_model
+
+    family, _ = family_for_model(name_or_path)
+    denoisers = empty_denoisers(name_or_path, family)
+    if not denoisers:
+        return []
+    for key in files:
+        if key.endswith("_2") and len(denoisers) < 2:
+            raise KLoRAError(f"a second {key[:-2]} LoRA (for a second expert) was given, but {family.name} "
+                             f"'{name_or_path}' has one denoiser: drop the {key[:-2]}_2 LoRA")
+    return _convert_all(family, denoisers, files)[1]
+
+
+def _files_for(components: list[str], component: str, files) -> dict[str, str]:
+    """{role: file key} used for ``component``: the ``_2`` files go to the second denoiser."""
+    second = len(components) > 1 and component == components[1]
+    return {role: (f"{role}_2" if second and f"{role}_2" in files else role) for role in ROLES}
+
+
+def _convert_all(family, denoisers: dict, files: dict) -> tuple[dict, list[str]]:
+    """({(component, role): DenoiserAdapter}, warning lines): every LoRA converted and checked against
+    its denoiser before any is loaded; one warning line per file, not one per expert."""
+    adapters, converted, notes = {}, {}, []
+    for component, denoiser in denoisers.items():
+        for role, key in _files_for(list(denoisers), component, files).items():
+            cache = (key, type(denoiser))  # conversion depends on the file and the model class only
+            if cache not in converted:
+                converted[cache] = loras.to_denoiser_adapter(files[key], denoiser, family)
+            adapter = _copy_adapter(converted[cache])
+            notes += loras.check_fits(adapter, denoiser, files[key].label, family, files[key])
+            adapters[component, role] = adapter
+    return adapters, list(dict.fromkeys(notes))
 
 
 # --- applying a choice: PEFT adapters or fused weights ---------------------------

@@ -172,6 +172,15 @@ def resolve_dtype(dtype: str | None, device: str, family: Family | str | None = 
 
 def pipeline_class_name(name_or_path: str) -> str:
     """The pipeline class a model folder or hub id declares in its ``model_index.json``."""
+    config = model_index(name_or_path)
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise KLoRAError(f"--pretrained_model_name_or_path '{name_or_path}': model_index.json names no pipeline class")
+    return name
+
+
+def model_index(name_or_path: str) -> dict:
+    """The ``model_index.json`` of a model folder or hub id (a small download for a hub id)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if _looks_local(text, path):
@@ -200,10 +209,41 @@ def pipeline_class_name(name_or_path: str) -> str:
             raise KLoRAError(f"--pretrained_model_name_or_path '{text}': could not load a pipeline from this hub id "
                              f"(offline, misspelt, or gated?): no model_index.json: {type(exc).__name__}: "
                              f"{first}") from None
-    name = config.get("_class_name") if isinstance(config, dict) else None
-    if not isinstance(name, str):
-        raise KLoRAError(f"--pretrained_model_name_or_path '{text}': model_index.json names no pipeline class")
-    return name
+    return config
+
+
+def empty_denoisers(name_or_path: str, family: Family) -> dict[str, torch.nn.Module]:
+    """The denoisers of a model folder or hub id, built on the meta device from their configs alone.
+
+    Lets a LoRA be checked against the model's layers before gigabytes of weights are read.
+    Returns {} when a config cannot be read: the real load then reports the problem.
+    """
+    import warnings
+
+    import diffusers
+    from accelerate import init_empty_weights
+
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    source = str(path) if _looks_local(text, path) else text
+    found = {}
+    try:
+        index = model_index(text)
+        for component in family.denoisers:
+            entry = index.get(component)
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]):
+                continue
+            cls = getattr(diffusers, entry[1], None)
+            if not isinstance(cls, type):
+                return {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = cls.load_config(source, subfolder=component)
+                with init_empty_weights():
+                    found[component] = cls.from_config(config)
+    except Exception:
+        return {}
+    return found
 
 
 def family_for_model(name_or_path: str) -> tuple[Family, type]:
