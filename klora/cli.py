@@ -136,7 +136,7 @@ def add_pipeline_arguments(parser, img2img: bool = True) -> None:
     inputs.add_argument("--control_image", help="ControlNet conditioning image")
     inputs.add_argument("--strength", type=float, default=None,
                         help="how much of --image to repaint, 0 to 1 (default: the pipeline's)")
-    add_offload_arguments(parser)
+    add_offload_arguments(parser, parser.add_argument_group("GPU memory"))
 
 
 def add_offload_arguments(parser, group=None) -> None:
