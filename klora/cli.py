@@ -235,7 +235,7 @@ def parse_call_arguments(items: list[str]) -> dict:
 def _check_kind(name_or_path, family, cls, expect) -> None:
     from . import pipelines
 
-    pipelines._check_expected(str(name_or_path), family, cls, expect)
+    pipelines.check_expected(str(name_or_path), family, cls, expect)
     pipelines.check_supported(family, f"--pretrained_model_name_or_path '{name_or_path}' ({cls.__name__})")
 
 
@@ -507,7 +507,7 @@ def fuse_and_generate(args, expect: str) -> None:
     the first output file is written.
     """
     from . import loras
-    from .fusion import KLoRA
+    from .fusion import KLoRA, check_loras
     from .pipelines import denoisers_of, family_for_model, load_pipeline, resolve_device
 
     kind = "video" if expect == "video" else "image"
@@ -533,6 +533,10 @@ def fuse_and_generate(args, expect: str) -> None:
         if source:
             label = f"{role.removesuffix('_2')} LoRA" + (" (second expert)" if role.endswith("_2") else "")
             files[role] = loras.load_file(source, getattr(args, f"{role}_weight_name", None), label)
+
+    # ... and check them against the model's layers, built from its configs on the meta device, before
+    # its weights load: a LoRA that does not fit is refused in one line (KLoRA warns again at attach).
+    check_loras(model, files)
 
     pipe = load_pipeline(model, expect, device, args.dtype, place=not offload)
     if pipeline_class is not type(pipe):

@@ -516,8 +516,8 @@ def check_loras(name_or_path, files: dict[str, loras.LoRAFile]) -> list[str]:
         return []
     for key in files:
         if key.endswith("_2") and len(denoisers) < 2:
-            raise KLoRAError(f"a second {key[:-2]} LoRA (for a second expert) was given, but {family.name} "
-                             f"'{name_or_path}' has one denoiser: drop the {key[:-2]}_2 LoRA")
+            raise KLoRAError(f"a {key} LoRA was given, but {family.name} '{name_or_path}' has one denoiser; the _2 "
+                             "LoRAs are for the second (low-noise) expert of two-expert models such as Wan 2.2 A14B")
     return _convert_all(family, denoisers, files)[1]
 
 

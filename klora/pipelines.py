@@ -274,7 +274,7 @@ def load_pipeline(name_or_path: str, expect: str | None = None, device: str | No
 
     text = str(name_or_path)
     family, cls = family_for_model(text)
-    _check_expected(text, family, cls, expect)
+    check_expected(text, family, cls, expect)
     check_supported(family, f"--pretrained_model_name_or_path '{text}' ({cls.__name__})")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device, family)
@@ -297,7 +297,7 @@ def _looks_local(text: str, path: Path) -> bool:
     return path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
-def _check_expected(text: str, family: Family, cls: type, expect: str | None) -> None:
+def check_expected(text: str, family: Family, cls: type, expect: str | None) -> None:
     if expect is None:
         return
     what = f"--pretrained_model_name_or_path '{text}' is {family.name} ({cls.__name__})"

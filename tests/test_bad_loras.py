@@ -255,9 +255,6 @@ def test_a_file_refusal_prints_nothing_but_the_error_line(real_processes):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="cli: a LoRA that does not fit the model is refused after the model loaded, "
-                                       "so the loading progress bars (diffusers 'Loading pipeline components', "
-                                       "transformers 'Loading weights') come before the one error line")
 def test_a_model_refusal_prints_nothing_but_the_error_line(real_processes):
     result, _, _ = real_processes["in_features_differ"]
     assert result.returncode == 2
