@@ -239,10 +239,13 @@ def _family(block: str) -> str:
     return head if head and index.isdigit() else block
 
 
+_UNET_FLOW = ("down_blocks", "mid_block", "up_blocks")  # the order data flows through a UNet
+
+
 def _blocks(keys: list[str], component: str | None) -> list[tuple[str, list[str]]]:
     """Keys gathered by block, top to bottom.
 
-    Families (``down_blocks``, ``mid_block``, ...) keep the order they first appear in; blocks
+    A UNet's families go down, mid, up; other families keep the order they first appear in; blocks
     of one family go by index (a log sorted as text would put ``blocks.10`` before ``blocks.2``);
     layers of one block keep their log order.
     """
@@ -250,7 +253,7 @@ def _blocks(keys: list[str], component: str | None) -> list[tuple[str, list[str]
     names = [block_of(p) for p in paths]
     if len(set(names)) == 1 and len(keys) > 1:  # all inside one wrapper module: cut at the first index instead
         names = [_up_to_first_index(p) for p in paths]
-    family_rank = {}
+    family_rank = {family: i for i, family in enumerate(_UNET_FLOW)}  # a UNet registers mid_block last
     for name in names:
         family_rank.setdefault(_family(name), len(family_rank))
 
