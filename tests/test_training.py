@@ -59,6 +59,23 @@ def mixed_images(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def cpu_trainer(monkeypatch):
+    """The trainer on the CPU even where there is a GPU, for the tests that resume a run and expect
+    the very same LoRA: CUDA's arithmetic is not deterministic from run to run, and Adam's first
+    steps turn last-bit differences in near-zero gradients into differences of the learning rate's
+    size (seen on an H200). Accelerate keeps the device it chose for the whole process, so its
+    state is reset before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def config(model, data, output, **overrides) -> TrainingConfig:
     settings = dict(output_dir=str(output), resolution=64, max_train_steps=4, train_batch_size=2,
                     learning_rate=3e-3, rank=4, seed=0, checkpointing_steps=1000)
@@ -123,6 +140,8 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tiny_sdxl_dir, s
     result = train(config(tiny_sdxl_dir, square_images, tmp_path / "out", max_train_steps=20,
                           lora_alpha=8, center_crop=True))
     assert result.global_step == 20
+    # The trainer ran on the device accelerate chose (a GPU where there is one); the checks run on the CPU.
+    trained_unet = result.unet.to("cpu")
     assert result.weights == tmp_path / "out" / "pytorch_lora_weights.safetensors"
 
     pipe = load_pipeline(tiny_sdxl_dir)
@@ -137,11 +156,11 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(tiny_sdxl_dir, s
     # alpha / r = 8 / 4 survives the file: the loaded UNet is the trained one.
     loaded = dict(pipe.unet.named_modules())["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
     assert list(loaded.scaling.values()) == [2.0]
-    assert torch.allclose(unet_output(pipe.unet, pairs), unet_output(result.unet, pairs), atol=1e-5)
+    assert torch.allclose(unet_output(pipe.unet, pairs), unet_output(trained_unet, pairs), atol=1e-5)
 
     # The frozen weights are bit-identical to the pretrained ones.
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet").state_dict()
-    trained = {n.replace(".base_layer", ""): p for n, p in result.unet.state_dict().items() if "lora_" not in n}
+    trained = {n.replace(".base_layer", ""): p for n, p in trained_unet.state_dict().items() if "lora_" not in n}
     assert trained.keys() == base.keys()
     assert all(torch.equal(trained[n], base[n]) for n in base)
 
@@ -169,7 +188,7 @@ KILL_AFTER_CHECKPOINT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_images, tmp_path):
+def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_images, tmp_path, cpu_trainer):
     # 5 images, batches of 1, 2 per optimiser step: steps of 2, 2, 1 batches per epoch;
     # the kill at step 4 lands inside the second epoch, after its first step.
     settings = dict(max_train_steps=8, train_batch_size=1, gradient_accumulation_steps=2,
@@ -184,7 +203,8 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_ima
         output_dir=killed, resolution=64, learning_rate=3e-3, rank=4, seed=0, **settings).items()
         if not isinstance(v, bool)] + ["--random_flip"]
     run = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT.replace("{step}", "4"), *flags],
-                         env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         env=dict(subprocess_env(), ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == -9, run.stderr[-2000:]
     assert not (killed / "pytorch_lora_weights.safetensors").exists()
     assert sorted(p.name for p in training.list_checkpoints(killed)) == ["checkpoint-2", "checkpoint-4"]
@@ -203,7 +223,7 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tiny_sdxl_dir, mixed_ima
     assert any(not torch.allclose(at_kill[k], got[k]) for k in got)
 
 
-def test_prior_preservation_and_text_encoder_training(tiny_sdxl_dir, square_images, tmp_path):
+def test_prior_preservation_and_text_encoder_training(tiny_sdxl_dir, square_images, tmp_path, cpu_trainer):
     class_dir = tmp_path / "class"
     # 4 images in batches of 3: the second batch is a short one (1 instance + 1 class image).
     with pytest.warns(UserWarning, match="no checkpoint in .*; starting a new run"):
@@ -211,6 +231,7 @@ def test_prior_preservation_and_text_encoder_training(tiny_sdxl_dir, square_imag
                               with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a dog",
                               num_class_images=2, train_text_encoder=True, resume_from_checkpoint="latest",
                               checkpointing_steps=1))
+    assert next(result.unet.parameters()).device.type == "cpu"  # pinned, whatever the machine has
     assert sorted(p.name for p in class_dir.iterdir()) == ["class-0000.png", "class-0001.png"]
     keys = lora_tensors(result.weights).keys()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
