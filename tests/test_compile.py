@@ -159,7 +159,8 @@ def test_whole_forward_compile_for_a_denoiser_without_repeated_blocks(tiny_sdxl_
 
 @pytest.mark.slow
 def test_default_inductor_compile_never_recompiles(tiny_sdxl_dir, loras, uncompiled):
-    """compile=True: inductor (C++ on the CPU). About 40 s on 2 cores, most of it compiling."""
+    """compile=True: inductor (C++ on the CPU). About 40 s on 2 cores with a cold inductor cache, most of it
+    compiling; seconds with a warm one."""
     from torch._dynamo.utils import counters
 
     pipe = _load(tiny_sdxl_dir)
