@@ -593,9 +593,8 @@ class _FusedSwitch:
     """
 
     def __init__(self, klora: KLoRA):
-        self._entries = {}
+        self._entries: dict[str, _Entry] = {}
         self._bytes = {}
-        self._switching = set()  # keys of the layers that switch during a generation
         self.lora_scale = 1.0  # the pipeline's LoRA scale (cross_attention_kwargs["scale"] and the like)
         shared_keys = set(klora.paths)
         modules = {c: dict(d.named_modules()) for c, d in klora.denoisers.items()}
@@ -603,8 +602,8 @@ class _FusedSwitch:
             module = modules[layer.component][layer.path]
             module = getattr(module, "base_layer", module)
             weight = _storage(module, "weight")
-            shared = layer.key in shared_keys
-            home = _backup_device(weight, shared)
+            switching = layer.key in shared_keys
+            home = _backup_device(weight, switching)
             factors = {}
             for role in layer.roles:
                 adapter = klora._adapters[layer.component, role]
@@ -621,42 +620,97 @@ class _FusedSwitch:
                 bias_backup = None
                 if any(f[3] is not None for f in factors.values()):
                     bias_backup = _storage(module, "bias").detach().to(home, copy=True)
-            self._entries[layer.key] = (module, backup, bias_backup, factors)
-            if shared:
-                self._switching.add(layer.key)
+            self._entries[layer.key] = _Entry(module, backup, bias_backup, factors, switching)
             size = backup.numel() * backup.element_size()
             self._bytes[str(home)] = self._bytes.get(str(home), 0) + size
 
     def prepare(self) -> None:
         """Before a generation: move copies next to weights that moved to a GPU after attaching."""
-        for key, (module, backup, bias_backup, factors) in list(self._entries.items()):
-            device = _storage(module, "weight").device
-            if backup.device == device or device.type != "cuda" or backup.device.type != "cpu":
+        for entry in self._entries.values():
+            device = _storage(entry.module, "weight").device
+            if entry.backup.device == device or device.type != "cuda" or entry.backup.device.type != "cpu":
                 continue
-            if key not in self._switching or not _fits_on(device, backup.numel() * backup.element_size()):
-                continue
-            factors = {role: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f)
-                       for role, f in factors.items()}
-            self._entries[key] = (module, backup.to(device), None if bias_backup is None else bias_backup.to(device),
-                                  factors)
+            if entry.switching and _fits_on(device, entry.backup.numel() * entry.backup.element_size()):
+                entry.move_to(device)
 
     def show(self, changes) -> None:
+        entries, lora_scale = self._entries, self.lora_scale
         with torch.no_grad():
             for layer, roles in changes:
-                module, backup, bias_backup, factors = self._entries[layer.key]
-                _write(_storage(module, "weight"), backup, [factors[r] for r in sorted(roles)],
-                       bias=_storage(module, "bias"), bias_backup=bias_backup, lora_scale=self.lora_scale)
+                entries[layer.key].write(roles, lora_scale)
 
     def memory(self) -> dict:
         return dict(self._bytes)
 
     def remove(self) -> None:
         with torch.no_grad():
-            for module, backup, bias_backup, _ in self._entries.values():
-                _storage(module, "weight").copy_(backup)
-                if bias_backup is not None:
-                    _storage(module, "bias").copy_(bias_backup)
+            for entry in self._entries.values():
+                _storage(entry.module, "weight").copy_(entry.backup)
+                if entry.bias_backup is not None:
+                    _storage(entry.module, "bias").copy_(entry.bias_backup)
         self._entries = {}
+
+
+class _Entry:
+    """One layer under fused switching: its module, an exact copy of W0, the LoRA factors, and
+    views bound to wherever the weight lives now, so a switch is one ``addmm`` and no Python
+    bookkeeping per layer (rebound only when the weight moved: ``pipe.to``, CPU offload)."""
+
+    __slots__ = ("module", "backup", "bias_backup", "factors", "switching", "_ptr", "_out", "_base", "_live")
+
+    def __init__(self, module, backup, bias_backup, factors, switching):
+        self.module, self.backup, self.bias_backup = module, backup, bias_backup
+        self.factors, self.switching = factors, switching
+        self._ptr = None
+
+    def move_to(self, device) -> None:
+        self.backup = self.backup.to(device)
+        self.bias_backup = None if self.bias_backup is None else self.bias_backup.to(device)
+        self.factors = {role: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f)
+                        for role, f in self.factors.items()}
+        self._ptr = None
+
+    def _bind(self, weight) -> None:
+        device = weight.device
+
+        def here(t):
+            return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+        self._out = weight.view(weight.shape[0], -1)
+        # W0 kept on the host (no room on the GPU) is sent over at each write, never kept here.
+        self._base = self.backup.view(self._out.shape) if self.backup.device == device else None
+        self._live = {role: (here(A), here(B), scale, here(bias)) for role, (A, B, scale, bias) in self.factors.items()}
+        self._ptr = (weight.data_ptr(), device)
+
+    def write(self, roles, lora_scale: float) -> None:
+        """weight <- W0 + sum(scale * B @ A) over ``roles``, without reading the weight's old value."""
+        weight = self.module._parameters["weight"]
+        if weight.is_meta:  # sequential CPU offload: write the host copy the offload hook loads from
+            weight = _storage(self.module, "weight")
+        if self._ptr != (weight.data_ptr(), weight.device):
+            self._bind(weight)
+        out = self._out
+        base = self._base if self._base is not None else self.backup.to(out.device, non_blocking=True).view(out.shape)
+        if len(roles) == 1:
+            (role,) = roles
+            A, B, scale, _ = self._live[role]
+            torch.addmm(base, B, A, alpha=scale * lora_scale, out=out)  # one rounding, in the weight's dtype
+        elif not roles:
+            out.copy_(base)
+        else:  # both LoRAs (the "merge" method): sum in float32, round once
+            total = base.to(torch.float32, copy=True)  # never .float(): a no-op on float32, it would add into W0
+            for role in sorted(roles):
+                A, B, scale, _ = self._live[role]
+                total.addmm_(B.float(), A.float(), alpha=scale * lora_scale)
+            out.copy_(total)
+        if self.bias_backup is not None:
+            bias = _storage(self.module, "bias")
+            new_bias = self.bias_backup.to(bias.device, torch.float32, copy=True)
+            for role in roles:
+                lora_bias = self._live[role][3]
+                if lora_bias is not None:
+                    new_bias.add_(lora_bias.float(), alpha=self._live[role][2] * lora_scale)
+            bias.copy_(new_bias)
 
 
 def _storage(module, name: str):
@@ -673,33 +727,6 @@ def _storage(module, name: str):
             pass
     raise KLoRAError(f"a {type(module).__name__} weight is on the meta device with no offloaded copy to write to; "
                      "attach K-LoRA with switching='adapters'")
-
-
-def _write(weight, backup, factors, bias=None, bias_backup=None, lora_scale=1.0) -> None:
-    """weight <- backup + sum(scale * B @ A), computed without touching the old value of ``weight``."""
-    out = weight.view(weight.shape[0], -1)
-    device = weight.device
-
-    def here(t):
-        return t if t.device == device else t.to(device, non_blocking=True)
-
-    base = here(backup).view(out.shape)
-    if not factors:
-        out.copy_(base)
-    elif len(factors) == 1:
-        A, B, scale, _ = factors[0]
-        torch.addmm(base, here(B), here(A), alpha=scale * lora_scale, out=out)  # one rounding, in the weight's dtype
-    else:  # both LoRAs (the "merge" method): sum in float32, round once
-        total = base.to(torch.float32, copy=True)  # never .float(): a no-op on float32, it would add into W0
-        for A, B, scale, _ in factors:
-            total.addmm_(here(B).float(), here(A).float(), alpha=scale * lora_scale)
-        out.copy_(total)
-    if bias_backup is not None:
-        new_bias = here(bias_backup).to(torch.float32, copy=True)
-        for _, _, scale, lora_bias in factors:
-            if lora_bias is not None:
-                new_bias.add_(here(lora_bias).float(), alpha=scale * lora_scale)
-        bias.copy_(new_bias)
 
 
 def _backup_device(weight, switching: bool) -> torch.device:

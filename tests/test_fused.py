@@ -100,14 +100,14 @@ def _without_switching(log: dict) -> dict:
 
 class WriteRecorder:
     """Counts fused writes, per denoising step, from outside K-LoRA's bookkeeping:
-    ``fusion._write`` calls (one per layer rewritten) and the layers handed to the switch.
+    ``fusion._Entry.write`` calls (one per layer rewritten) and the layers handed to the switch.
     ``callback`` (pass as callback_on_step_end) moves the step counter after each step."""
 
     def __init__(self, klora, monkeypatch):
         self.step = 0
         self.keys: list[tuple[int, str]] = []  # (step, layer key) per layer the switch is asked to show
-        self.writes: list[int] = []  # the step of every fusion._write call
-        show, write = klora._switch.show, fusion._write
+        self.writes: list[int] = []  # the step of every fusion._Entry.write call
+        show, write = klora._switch.show, fusion._Entry.write
 
         def recording_show(changes):
             changes = list(changes)
@@ -119,7 +119,7 @@ class WriteRecorder:
             return write(*args, **kwargs)
 
         monkeypatch.setattr(klora._switch, "show", recording_show)
-        monkeypatch.setattr(fusion, "_write", counting_write)
+        monkeypatch.setattr(fusion._Entry, "write", counting_write)
 
     def callback(self, pipe, step, timestep, callback_kwargs):
         self.step = step + 1
