@@ -11,7 +11,7 @@ dtype; two random LoRAs (rank 8) go on its attention projections (SDXL: the 560
 q/k/v/out linears of its 70 transformer blocks). No text encoder or VAE: a real
 scheduler drives the denoiser for ``--steps`` calls (classifier-free guidance as one
 batch of 2; FLUX is guidance-distilled, batch 1), so K-LoRA switches layers exactly as
-it does in a generation (it counts steps from the timesteps, as on a bare denoiser).
+it does in a generation (its progress comes from that scheduler, as in a pipeline).
 
 Rows, each printed as soon as it is measured (median of ``--rounds`` images after one
 warm-up image): the base model; one unfused LoRA (a PEFT adapter); for SDXL both LoRAs
@@ -155,6 +155,7 @@ def sdxl_loop(model, args, device, dtype):
             latents = scheduler.step(uncond + 5.0 * (cond - uncond), t, latents).prev_sample
         return latents
 
+    denoise.scheduler = scheduler
     return denoise
 
 
@@ -185,6 +186,7 @@ def flux_loop(model, args, device, dtype):
             latents = scheduler.step(velocity, t, latents).prev_sample
         return latents
 
+    denoise.scheduler = scheduler
     return denoise
 
 
@@ -209,7 +211,18 @@ def wan_loop(model, args, device, dtype):
             latents = scheduler.step(uncond + 5.0 * (cond - uncond), t, latents).prev_sample
         return latents
 
+    denoise.scheduler = scheduler
     return denoise
+
+
+class Driver:
+    """What K-LoRA sees of a pipeline here: the denoiser and the scheduler the loop steps. As with a
+    real pipeline, progress then comes from the scheduler's step index, with no read of the timestep
+    off the GPU per step (a bare denoiser must read it: one device sync per call)."""
+
+    def __init__(self, component: str, model, scheduler):
+        setattr(self, component, model)
+        self.scheduler = scheduler
 
 
 # --- LoRAs ---------------------------------------------------------------------------
@@ -416,6 +429,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     model, prefix, run = build(args)
+    driver = Driver(prefix, model, run.scheduler)  # K-LoRA attaches to this, as to a pipeline
     twin = copy.deepcopy(model) if args.paired else None
     bench = Bench(args, run, twin)
     bench.sync()
@@ -445,13 +459,13 @@ def main(argv=None):
     model.unload_lora()
 
     if args.family == "sdxl":
-        merged = KLoRA(model, content, style, method="merge", num_inference_steps=args.steps)
+        merged = KLoRA(driver, content, style, method="merge")
         bench.row("direct merge, fused into the weights", model)
         merged.detach()
 
     bench.sync()
     started = time.perf_counter()
-    klora = KLoRA(model, content, style, num_inference_steps=args.steps)
+    klora = KLoRA(driver, content, style)
     bench.sync()
     attach_seconds = time.perf_counter() - started
     bench.row("K-LoRA, fused switching", model)
@@ -459,7 +473,7 @@ def main(argv=None):
     switch_pass = measure_switch_pass(bench, klora)
     klora.detach()
 
-    adapters = KLoRA(model, content, style, switching="adapters", num_inference_steps=args.steps)
+    adapters = KLoRA(driver, content, style, switching="adapters")
     bench.row("K-LoRA, adapter switching (PEFT set_adapter)", model)
     adapters.detach()
 
@@ -489,7 +503,7 @@ def main(argv=None):
         bench.row("base + compile (repeated blocks)", model, note="ratios from here on: to this row"
                   if not args.paired else "inductor; the twin compiled too")
         graphs = counters["stats"]["unique_graphs"]
-        compiled = KLoRA(model, content, style, num_inference_steps=args.steps, compile=options)
+        compiled = KLoRA(driver, content, style, compile=options)
         bench.row("K-LoRA fused + compile", model, note=f"graphs compiled for K-LoRA: "
                   f"{counters['stats']['unique_graphs'] - graphs}")
         compiled.detach()

@@ -461,6 +461,7 @@ class KLoRA:
             return
         for hook in self._hooks:
             hook.remove()
+        self._progress.release()
         self._switch.remove()
         self._remove_text_encoder_adapters()
         for component, denoiser in self.denoisers.items():
@@ -550,11 +551,14 @@ class _AdapterSwitch:
     def __init__(self, klora: KLoRA, loaded: list):
         self.denoisers = klora.denoisers
         self._had_adapters = {c: bool(getattr(d, "peft_config", {}) or {}) for c, d in self.denoisers.items()}
+        from diffusers import DiffusionPipeline
+
+        pipeline = klora.pipeline if isinstance(klora.pipeline, DiffusionPipeline) else None  # offload handling
         for component, denoiser in self.denoisers.items():
             for role in ROLES:
                 key = klora.files_for(component)[role]
                 loras.load_adapter(denoiser, klora._adapters[component, role], ADAPTER_NAMES[role],
-                                   klora.labels[key], pipeline=klora.pipeline)
+                                   klora.labels[key], pipeline=pipeline)
                 loaded.append((component, ADAPTER_NAMES[role]))
         by_component = {c: dict(d.named_modules()) for c, d in self.denoisers.items()}
         self._modules = {layer.key: by_component[layer.component][layer.path] for layer in klora.layers}
@@ -891,6 +895,9 @@ class _SchedulerProgress:
         self._values: list[float] = []
         self._begin = 0
         self._last = -1
+        self.steps_taken = 0  # scheduler.step calls seen, for schedulers that keep no step index
+        self._first = None  # (index, steps_taken) at the first call of this generation
+        self._counters: list[_CountingStep] = []
 
     def __call__(self, module, args, kwargs):
         scheduler = getattr(self.pipeline, "scheduler", None)
@@ -901,7 +908,9 @@ class _SchedulerProgress:
         if new:  # one host copy per generation; none per step or layer
             self._values = [float(t) for t in timesteps.detach().float().cpu()]
         index = getattr(scheduler, "step_index", None)
-        if index is None:  # before the scheduler's first step, or a scheduler that keeps no index
+        if index is None and not hasattr(scheduler, "step_index"):
+            index = self._counted(scheduler, new, module, args, kwargs)
+        elif index is None:  # before the scheduler's first step
             begin = getattr(scheduler, "begin_index", None)
             index = begin if begin is not None else self._lookup(module, args, kwargs)
         index = max(0, min(int(index), len(self._values) - 1))
@@ -928,8 +937,25 @@ class _SchedulerProgress:
         total = len(self._values) - self._begin
         return [step / total for step in range(total)]
 
+    def _counted(self, scheduler, new, module, args, kwargs) -> int:
+        """Schedulers that keep no step index (DDIM, PNDM, DDPM): the index of the first step is
+        looked up once per generation, then the scheduler's own step() calls are counted, so no
+        step reads a timestep off the GPU (a device sync that stalls the pipeline)."""
+        if not any(counter.scheduler is scheduler for counter in self._counters):
+            self._counters.append(_CountingStep(self, scheduler))
+        if new or self._first is None:
+            self._first = (self._lookup(module, args, kwargs), self.steps_taken)
+        first, taken = self._first
+        return first + self.steps_taken - taken
+
+    def release(self) -> None:
+        """Give the schedulers their own step() back."""
+        for counter in self._counters:
+            counter.remove()
+        self._counters = []
+
     def _lookup(self, module, args, kwargs) -> int:
-        """Index of the current timestep, for schedulers that keep no step index (DDIM, PNDM)."""
+        """Index of the current timestep, read off the timestep itself (once per generation)."""
         value = getattr(self.pipeline, "_current_timestep", None)
         value = _timestep_value(value) if value is not None else None
         if value is None:
@@ -941,6 +967,32 @@ class _SchedulerProgress:
                 value = 1000.0 - value
         distances = [abs(t - value) for t in self._values]
         return distances.index(min(distances))
+
+
+class _CountingStep:
+    """Stands in for ``scheduler.step`` (an instance attribute over the class method) and counts
+    the calls. A plain object, not a closure, so a deep copy of the pipeline steps its own copy."""
+
+    def __init__(self, progress: _SchedulerProgress, scheduler):
+        import inspect
+
+        self.progress, self.scheduler = progress, scheduler
+        self._before = scheduler.__dict__.get("step")  # another wrapper already there, if any
+        # Pipelines read step()'s signature to decide whether to pass eta and generator.
+        self.__signature__ = inspect.signature(scheduler.step)
+        scheduler.step = self
+
+    def __call__(self, *args, **kwargs):
+        self.progress.steps_taken += 1
+        step = self._before if self._before is not None else type(self.scheduler).step.__get__(self.scheduler)
+        return step(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.scheduler.__dict__.get("step") is self:
+            if self._before is None:
+                del self.scheduler.step
+            else:
+                self.scheduler.step = self._before
 
 
 class _TimestepProgress:
@@ -978,6 +1030,9 @@ class _TimestepProgress:
 
     def schedule(self) -> list[float]:
         return [step / self.total for step in range(self.total)] if self.mode == "steps" else []
+
+    def release(self) -> None:
+        pass
 
 
 def _progress_source(pipeline, family, num_inference_steps, mode):

@@ -277,3 +277,35 @@ def test_rule_module_agrees_with_klora_choices_at(pipe, lora_pair):
                     else "style" for path, s in klora.stats.items()}
         assert klora.choices_at(p) == expected
     klora.detach()
+
+
+@pytest.mark.parametrize("scheduler_kind", ["euler (step_index)", "ddim (no step_index)"])
+def test_no_step_reads_the_timestep_off_the_device(tiny_sdxl_dir, tiny_sd_dir, lora_pair, tmp_path, monkeypatch,
+                                                  scheduler_kind):
+    """Reading a GPU timestep is a device sync that stalls the pipeline: K-LoRA reads one per generation
+    (to place its first step), then follows the scheduler's step index or counts its step() calls."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from klora import fusion
+
+    if scheduler_kind.startswith("euler"):
+        p = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        content, style = lora_pair[0], lora_pair[1]
+    else:
+        p = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+        paths = attention_linears(p.unet)
+        write_peft(tmp_path / "c.safetensors", random_layers(p.unet, paths, rank=4, seed=1))
+        write_peft(tmp_path / "s.safetensors", random_layers(p.unet, paths, rank=4, seed=2, scale=0.07))
+        content, style = tmp_path / "c.safetensors", tmp_path / "s.safetensors"
+    p.set_progress_bar_config(disable=True)
+    assert hasattr(p.scheduler, "step_index") == scheduler_kind.startswith("euler")
+    klora = KLoRA(p, content, style)
+    reads = []
+    value = fusion._timestep_value
+    monkeypatch.setattr(fusion, "_timestep_value", lambda t: reads.append(t) or value(t))
+    for steps in (6, 4):
+        _generate(p, steps=steps)
+        assert _log_steps(klora) == [(i, i / steps) for i in range(steps)]
+    assert len(reads) <= 2  # at most one per generation
+    klora.detach()
+    assert "step" not in vars(p.scheduler)  # the scheduler has its own step() back
