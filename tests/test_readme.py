@@ -36,8 +36,9 @@ def _commands():
 
 def test_readme_mentions_the_main_commands():
     scripts = {script for script, _ in _commands()}
-    assert {"inference_sd.py", "inference_flux.py", "inference_gradio.py", "train_dreambooth_lora_sdxl.py",
-            "evaluate_grid.py", "evaluate_metrics.py", "benchmarks/speed.py"} <= scripts
+    assert {"inference_sd.py", "inference.py", "inference_video.py", "inference_flux.py", "inference_gradio.py",
+            "train_dreambooth_lora_sdxl.py", "evaluate_grid.py", "evaluate_metrics.py",
+            "benchmarks/speed.py"} <= scripts
     assert "bash .ci/run" in README
 
 
