@@ -58,6 +58,22 @@ def demo_sdxl_loras(tiny_sdxl_dir, tmp_path_factory) -> tuple[str, str]:
     return write_demo_loras(unet, tmp_path_factory.mktemp("loras"))
 
 
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory):
+    """key -> folder of that tiny video pipeline (klora.tiny_video), built once per session when first asked for."""
+    from klora.tiny_video import build_tiny_video
+
+    root = tmp_path_factory.mktemp("tiny-video")
+    built = {}
+
+    def folder(key):
+        if key not in built:
+            built[key] = build_tiny_video(key, root / key)
+        return built[key]
+
+    return folder
+
+
 def run_script(script: str, *args: str, cwd=None, timeout: int = 300):
     """Run one of the top-level scripts as a user would; returns CompletedProcess."""
     import subprocess

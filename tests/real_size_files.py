@@ -17,6 +17,8 @@ import re
 import torch
 from safetensors.torch import save_file
 
+from video_lora_files import random_units
+
 # --- Qwen-Image --------------------------------------------------------------------------------
 # The released model code uses the diffusers names, so an original/ComfyUI file names the same modules.
 QWEN_IMAGE_BLOCK = (
@@ -232,21 +234,9 @@ def linears(model, pattern: str = r".") -> list[str]:
 
 
 def layers_for(model, units, rank=1, alpha=None, seed=0, scale=0.1):
-    """Random ``layers`` for groups of diffusers modules that share one A (a fused original module).
-
-    ``units``: iterable of tuples of module paths; ``rank`` and ``alpha`` may be callables of the unit index.
-    Float32 factors of rank 1-2 keep a whole real-size LoRA at tens of MB.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    table = dict(model.named_modules())
-    layers = {}
-    for i, unit in enumerate(units):
-        r = rank(i) if callable(rank) else rank
-        a = float(alpha(i) if callable(alpha) else (alpha if alpha is not None else r))
-        A = torch.randn(r, table[unit[0]].in_features, generator=gen) * scale
-        for path in unit:
-            layers[path] = (A, torch.randn(table[path].out_features, r, generator=gen) * scale, a)
-    return layers
+    """Random ``layers`` for groups of diffusers modules that share one A (a fused original module),
+    rank 1 by default: float32 factors of rank 1-2 keep a whole real-size LoRA at tens of MB."""
+    return random_units(model, units, rank=rank, alpha=alpha, seed=seed, scale=scale)
 
 
 def probe_mismatches(adapter, layers, model, biases=None, seed=0) -> list[str]:

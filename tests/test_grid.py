@@ -388,9 +388,10 @@ def _free_port() -> int:
 
 
 def accelerate_launch(script: str, *args: str, timeout: int = 300):
-    """``accelerate launch`` with two CPU worker processes (torchrun underneath)."""
+    """``accelerate launch`` with two CPU worker processes (torchrun underneath); ACCELERATE_USE_CPU
+    keeps both on the CPU where a GPU is present (with one GPU, the second would ask for cuda:1)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
+               TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error", ACCELERATE_USE_CPU="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(ROOT / script), *args]

@@ -23,20 +23,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_video_dir(tmp_path_factory):
-    """key -> folder; each family is written once for this module, when a test first asks for it."""
-    root = tmp_path_factory.mktemp("tiny-video")
-    built = {}
-
-    def folder(key):
-        if key not in built:
-            built[key] = build_tiny_video(key, root / key)
-        return built[key]
-
-    return folder
-
-
 def _load(folder):
     from diffusers import DiffusionPipeline
 
@@ -65,8 +51,8 @@ def _record_calls(pipe, components):
 
 
 @pytest.mark.parametrize("key", FAMILIES)
-def test_builds_reloads_and_generates_deterministically(tiny_video_dir, key):
-    pipe = _load(tiny_video_dir(key))
+def test_builds_reloads_and_generates_deterministically(video_dir, key):
+    pipe = _load(video_dir(key))
     class_name, components, calls_per_step = EXPECTED[key]
     assert type(pipe).__name__ == class_name
     calls, handles = _record_calls(pipe, components)
@@ -100,8 +86,8 @@ def test_builder_seed_fixes_the_weights(tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_wan22_routes_steps_to_both_experts_by_the_boundary(tiny_video_dir):
-    pipe = _load(tiny_video_dir("wan22"))
+def test_wan22_routes_steps_to_both_experts_by_the_boundary(video_dir):
+    pipe = _load(video_dir("wan22"))
     assert pipe.config.boundary_ratio == 0.875
     high, low = pipe.transformer.state_dict(), pipe.transformer_2.state_dict()
     assert not all(torch.equal(high[k], low[k]) for k in high), "the two experts must differ"
@@ -134,11 +120,11 @@ def test_wan22_options_move_the_expert_split(tmp_path, options, split):
 
 @pytest.mark.parametrize("key", FAMILIES)
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # the second adapter, on purpose
-def test_demo_loras_load_with_the_family_loader(tiny_video_dir, tmp_path, key):
+def test_demo_loras_load_with_the_family_loader(video_dir, tmp_path, key):
     from peft.tuners.lora import LoraLayer
     from safetensors import safe_open
 
-    pipe = _load(tiny_video_dir(key))
+    pipe = _load(video_dir(key))
     prefix = EXPECTED[key][1][0]
     denoiser = getattr(pipe, prefix)
     content, style = write_demo_video_loras(denoiser, tmp_path, prefix=prefix)
@@ -178,8 +164,8 @@ def test_demo_loras_load_with_the_family_loader(tiny_video_dir, tmp_path, key):
     assert not np.allclose(_generate(pipe, key), before, atol=1e-4)
 
 
-def test_animatediff_loras_skip_the_motion_modules(tiny_video_dir):
-    pipe = _load(tiny_video_dir("animatediff"))
+def test_animatediff_loras_skip_the_motion_modules(video_dir):
+    pipe = _load(video_dir("animatediff"))
     names = attention_projections(pipe.unet)
     motion = [n for n, m in pipe.unet.named_modules()
               if isinstance(m, torch.nn.Linear) and ".motion_modules." in n and n.endswith(".to_q")]
@@ -194,13 +180,13 @@ def test_unknown_family_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("key", FAMILIES)
-def test_export_to_video_writes_an_h264_mp4_with_every_frame(tiny_video_dir, tmp_path, key):
+def test_export_to_video_writes_an_h264_mp4_with_every_frame(video_dir, tmp_path, key):
     iio = pytest.importorskip("imageio.v3")
     pytest.importorskip("imageio_ffmpeg")
     import imageio
     from diffusers.utils import export_to_video
 
-    frames = _generate(_load(tiny_video_dir(key)), key)[0]
+    frames = _generate(_load(video_dir(key)), key)[0]
     path = export_to_video(frames, str(tmp_path / "video.mp4"), fps=8)
 
     height, width, num_frames = TINY_VIDEO_SIZES[key]

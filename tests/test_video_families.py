@@ -21,7 +21,7 @@ from applied import applied_delta, base_weights
 from klora.errors import KLoRAError
 from klora.fusion import ADAPTER_NAMES, KLoRA
 from klora.loras import LoRAError
-from klora.tiny_video import TINY_VIDEO_CALL_KWARGS, TINY_VIDEO_SIZES, build_tiny_video
+from klora.tiny_video import TINY_VIDEO_CALL_KWARGS, TINY_VIDEO_SIZES
 from lora_files import delta, random_layers, write_peft
 from video_family_files import tilted_pair, units_of, write_prefixed_lora_a, write_sd15_kohya
 from video_lora_files import (hunyuan_video_units, random_units, write_hunyuan_video_musubi,
@@ -57,20 +57,6 @@ FRAMES_ATOL = {"cogvideox": 5e-5}
 
 
 # --- fixtures and helpers --------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def video_dir(tmp_path_factory):
-    """key -> folder of that tiny pipeline, built once per session when first asked for."""
-    root = tmp_path_factory.mktemp("video-families")
-    built = {}
-
-    def folder(key):
-        if key not in built:
-            built[key] = build_tiny_video(key, root / key)
-        return built[key]
-
-    return folder
 
 
 def load(video_dir, key):
