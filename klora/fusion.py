@@ -146,8 +146,7 @@ class KLoRA:
             if source is None:
                 continue
             if not self.multi:
-                raise KLoRAError(f"a second {role} LoRA (for a second expert) was given, but "
-                                 f"{self._model_name()} has one denoiser: drop the {role}_2 LoRA")
+                raise _one_denoiser(f"{role}_2", self._model_name())
             files[f"{role}_2"] = _as_lora_file(source, weight_name, f"{role} LoRA (second expert)")
         return files
 
@@ -517,9 +516,13 @@ def check_loras(name_or_path, files: dict[str, loras.LoRAFile]) -> list[str]:
         return []
     for key in files:
         if key.endswith("_2") and len(denoisers) < 2:
-            raise KLoRAError(f"a {key} LoRA was given, but {family.name} '{name_or_path}' has one denoiser; the _2 "
-                             "LoRAs are for the second (low-noise) expert of two-expert models such as Wan 2.2 A14B")
+            raise _one_denoiser(key, f"{family.name} '{name_or_path}'")
     return _convert_all(family, denoisers, files)[1]
+
+
+def _one_denoiser(key: str, model: str) -> KLoRAError:
+    return KLoRAError(f"a {key} LoRA was given, but {model} has one denoiser; the _2 LoRAs are for the second "
+                      "(low-noise) expert of two-expert models such as Wan 2.2 A14B")
 
 
 def _files_for(components: list[str], component: str, files) -> dict[str, str]:
