@@ -21,7 +21,6 @@ import sys
 import tempfile
 
 from klora import cli
-from klora.fusion import PROGRESS, SWITCHING
 
 DEMO_PROMPT = "a sbu dog in szn style"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -40,12 +39,7 @@ def build_parser():
     parser.add_argument("--family", help=argparse.SUPPRESS)
     cli.add_lora_arguments(parser, second_expert=True)
     group = parser.add_argument_group("K-LoRA")
-    group.add_argument("--switching", default="fused", choices=SWITCHING,
-                       help="fused: each layer's weight holds the chosen LoRA (base model speed); adapters: "
-                            "PEFT adapters switched per step (default: fused)")
-    group.add_argument("--progress", default="steps", choices=PROGRESS,
-                       help="steps: p = step / steps (the paper's); noise: p = 1 - t / T, for runs that start "
-                            "part-way through the schedule (default: steps)")
+    cli.add_engine_arguments(group)
     group = parser.add_argument_group("video (video models only)")
     group.add_argument("--num_frames", type=int, default=None, help="initial number of frames (default: the model's)")
     group.add_argument("--fps", type=int, default=None, help="initial frame rate of the MP4 (default: the model's)")

@@ -80,16 +80,21 @@ def add_klora_arguments(parser) -> None:
     group.add_argument("--alpha", type=float, default=rule.DEFAULT_ALPHA, help="alpha of the scale (default 1.5)")
     group.add_argument("--beta", type=float, default=None,
                        help="beta of the scale (default: 0.5 for 's', 0.85*alpha = 1.275 for 's*')")
+    add_engine_arguments(group)
+    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the denoiser (its repeated blocks); optional backend, e.g. aot_eager "
+                            "(default backend: inductor)")
+    group.add_argument("--selection_log", help="write the per-layer, per-step choices as JSON to this file")
+
+
+def add_engine_arguments(group) -> None:
+    """--progress and --switching: how K-LoRA follows the schedule and applies its choice."""
     group.add_argument("--progress", default="steps", choices=PROGRESS,
                        help="steps: p = step / steps of this run (the paper's); noise: p = 1 - t / T from the "
                             "scheduler's timestep, so img2img at strength 0.5 starts half-way (default: steps)")
     group.add_argument("--switching", default="fused", choices=SWITCHING,
                        help="fused: each layer's weight holds the chosen LoRA, rewritten from an exact copy at a "
                             "switch (base-model speed); adapters: PEFT adapters (default: fused)")
-    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                       help="torch.compile the denoiser (its repeated blocks); optional backend, e.g. aot_eager "
-                            "(default backend: inductor)")
-    group.add_argument("--selection_log", help="write the per-layer, per-step choices as JSON to this file")
 
 
 def add_generation_arguments(parser, default_steps: int | None = None, default_guidance: float | None = None,

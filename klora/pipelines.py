@@ -155,14 +155,10 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def resolve_dtype(dtype: str | None, device: str, family: Family | str | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str | None, device: str, family: Family) -> torch.dtype:
     """'auto': the family's usual half precision on GPUs (fp16 for SD UNets, bf16 for transformers), fp32 on CPU."""
     if dtype in (None, "", "auto"):
-        if device == "cpu":
-            return torch.float32
-        if isinstance(family, Family):
-            return family.cuda_dtype
-        return torch.float16 if family == "unet" else torch.bfloat16
+        return torch.float32 if device == "cpu" else family.cuda_dtype
     if dtype not in DTYPES:
         raise KLoRAError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
     return DTYPES[dtype]

@@ -141,6 +141,17 @@ def hunyuan_video_units(model, keep=lambda path: True):
 # --- Wan ----------------------------------------------------------------------
 
 
+def _put_factors(tensors, key, A, B, alpha, style):
+    """lora_A/lora_B with alpha / rank baked into A (diffusion-pipe), or lora_down/lora_up + .alpha (ComfyUI)."""
+    if style == "lora_A":
+        tensors[f"{key}.lora_A.weight"] = A * (alpha / A.shape[0])
+        tensors[f"{key}.lora_B.weight"] = B.contiguous()
+    else:
+        tensors[f"{key}.lora_down.weight"] = A.contiguous()
+        tensors[f"{key}.lora_up.weight"] = B.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+
+
 def wan_original_name(path: str) -> str:
     return _lookup(path, WAN_TO_ORIGINAL)
 
@@ -160,14 +171,7 @@ def write_wan_original(path, layers, style="lora_A", biases=None, extra=None):
     """
     tensors = {}
     for name, (A, B, alpha) in layers.items():
-        key = f"diffusion_model.{wan_original_name(name)}"
-        if style == "lora_A":
-            tensors[f"{key}.lora_A.weight"] = A * (alpha / A.shape[0])
-            tensors[f"{key}.lora_B.weight"] = B.contiguous()
-        else:
-            tensors[f"{key}.lora_down.weight"] = A.contiguous()
-            tensors[f"{key}.lora_up.weight"] = B.contiguous()
-            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        _put_factors(tensors, f"diffusion_model.{wan_original_name(name)}", A, B, alpha, style)
     for name, bias in (biases or {}).items():
         tensors[f"diffusion_model.{wan_original_name(name)}.diff_b"] = bias.contiguous()
     for key, tensor in (extra or {}).items():
@@ -229,13 +233,7 @@ def write_hunyuan_video_original(path, layers, style="lora_A", prefix="diffusion
     tensors = {}
     for original, (A, B, alpha, bias) in hunyuan_video_original(layers, biases).items():
         key = f"{prefix}.{original}"
-        if style == "lora_A":
-            tensors[f"{key}.lora_A.weight"] = A * (alpha / A.shape[0])
-            tensors[f"{key}.lora_B.weight"] = B.contiguous()
-        else:
-            tensors[f"{key}.lora_down.weight"] = A.contiguous()
-            tensors[f"{key}.lora_up.weight"] = B.contiguous()
-            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        _put_factors(tensors, key, A, B, alpha, style)
         if bias is not None:
             tensors[f"{key}.diff_b"] = bias.contiguous()
     save_file(tensors, str(path))
