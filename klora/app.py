@@ -34,9 +34,8 @@ import torch
 
 from . import loras, rule, selection_map, video
 from .cli import method_tag
-from .errors import KLoRAError
+from .errors import KLoRAError, LoRAError
 from .fusion import METHODS, PROGRESS, SWITCHING, KLoRA
-from .loras import LoRAError
 from .pipelines import Family, family_of
 
 MAX_SEED = 2**32 - 1

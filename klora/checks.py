@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import LoRAError
+
 # The (down, up) factor names of each pair naming, as messages show them.
 _PAIRS = {
     "peft": ("lora_A", "lora_B"),
@@ -103,12 +105,6 @@ class _Parsed:
     mixed: list[tuple[str, str, str]]  # (layer, key, other key) with different pair namings
 
 
-def _error(message: str) -> Exception:
-    from .loras import LoRAError  # late: loras imports this module
-
-    return LoRAError(message)
-
-
 # --- the check ----------------------------------------------------------------
 
 def check_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: str) -> list[str]:
@@ -121,16 +117,16 @@ def check_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], label
     values = {key: _values(tensor) for key, tensor in tensors.items() if tensor.is_floating_point()}
     for key, (finite, _) in values.items():
         if not finite:
-            raise _error(f"{label}: tensor '{key}' contains NaN or Inf values")
+            raise LoRAError(f"{label}: tensor '{key}' contains NaN or Inf values")
     configs = _adapter_configs(metadata, label)
     kohya = _kohya_metadata(metadata, label)
     parsed = _parse(tensors)
     if parsed.duplicates:
         name, first, second = parsed.duplicates[0]
-        raise _error(f"{label}: layer '{name}' has the same factor twice ('{first}' and '{second}')")
+        raise LoRAError(f"{label}: layer '{name}' has the same factor twice ('{first}' and '{second}')")
     if parsed.mixed:
         name, first, second = parsed.mixed[0]
-        raise _error(f"{label}: layer '{name}' mixes two namings ('{first}' and '{second}'): no converter pairs them")
+        raise LoRAError(f"{label}: layer '{name}' mixes two namings ('{first}' and '{second}'): no converter pairs them")
 
     pairs = {}  # name -> (rank, in_features, out_features, is_linear)
     for layer in parsed.layers.values():
@@ -232,7 +228,7 @@ def _check_factors(layer: _Layer, tensors, label: str):
     for role in ("down", "up", "mid", "bias", "diff"):
         if role in layer.keys and not tensors[layer.keys[role]].is_floating_point():
             dtype = str(tensors[layer.keys[role]].dtype).replace("torch.", "")
-            raise _error(f"{label}: layer '{name}': {layer.factor(role)} is {dtype}, not floating point")
+            raise LoRAError(f"{label}: layer '{name}': {layer.factor(role)} is {dtype}, not floating point")
     if not layer.is_pair:
         if "diff" in layer.keys and "bias" in layer.keys:
             _check_bias(layer, tensors, tensors[layer.keys["diff"]].shape[0], label)
@@ -241,29 +237,29 @@ def _check_factors(layer: _Layer, tensors, label: str):
     if "down" not in layer.keys or "up" not in layer.keys:
         have = "up" if "up" in layer.keys else "down" if "down" in layer.keys else "mid"
         lacking = [layer.factor(r) for r in ("down", "up") if r not in layer.keys]
-        raise _error(f"{label}: layer '{name}' has {layer.factor(have)} ({_shape(tensors[layer.keys[have]])}) "
-                     f"but no {' and no '.join(lacking)}")
+        raise LoRAError(f"{label}: layer '{name}' has {layer.factor(have)} ({_shape(tensors[layer.keys[have]])}) "
+                        f"but no {' and no '.join(lacking)}")
     A, B = tensors[layer.keys["down"]], tensors[layer.keys["up"]]
     both = f"{down_name} {_shape(A)}, {up_name} {_shape(B)}"
     for factor, tensor in ((down_name, A), (up_name, B)):
         if tensor.dim() not in (2, 3, 4, 5):
-            raise _error(f"{label}: layer '{name}': {factor} is {tensor.dim()}-D ({_shape(tensor)}); LoRA factors "
-                         "are 2-D (linear) or 4-D (conv)")
+            raise LoRAError(f"{label}: layer '{name}': {factor} is {tensor.dim()}-D ({_shape(tensor)}); LoRA factors "
+                            "are 2-D (linear) or 4-D (conv)")
     if A.dim() != B.dim():
-        raise _error(f"{label}: layer '{name}': {down_name} is {A.dim()}-D but {up_name} is {B.dim()}-D ({both})")
+        raise LoRAError(f"{label}: layer '{name}': {down_name} is {A.dim()}-D but {up_name} is {B.dim()}-D ({both})")
     if A.shape[0] != B.shape[1]:
-        raise _error(f"{label}: layer '{name}': ranks disagree ({both}): {down_name} has rank {A.shape[0]}, "
-                     f"{up_name} has rank {B.shape[1]}")
+        raise LoRAError(f"{label}: layer '{name}': ranks disagree ({both}): {down_name} has rank {A.shape[0]}, "
+                        f"{up_name} has rank {B.shape[1]}")
     rank = A.shape[0]
     if rank == 0:
-        raise _error(f"{label}: layer '{name}' has rank 0 ({both}): rank must be positive")
+        raise LoRAError(f"{label}: layer '{name}' has rank 0 ({both}): rank must be positive")
     if any(size != 1 for size in B.shape[2:]):
-        raise _error(f"{label}: layer '{name}': conv {up_name} must be 1x1 ({both})")
+        raise LoRAError(f"{label}: layer '{name}': conv {up_name} must be 1x1 ({both})")
     if "mid" in layer.keys:
         mid = tensors[layer.keys["mid"]]
         if mid.dim() != A.dim() or tuple(mid.shape[:2]) != (rank, rank) or any(s != 1 for s in A.shape[2:]):
-            raise _error(f"{label}: layer '{name}': lora_mid {_shape(mid)} does not fit rank {rank} "
-                         f"({both}; expected {rank}x{rank}xkhxkw between 1x1 factors)")
+            raise LoRAError(f"{label}: layer '{name}': lora_mid {_shape(mid)} does not fit rank {rank} "
+                            f"({both}; expected {rank}x{rank}xkhxkw between 1x1 factors)")
     if "bias" in layer.keys:
         _check_bias(layer, tensors, B.shape[0], label)
     return rank, A.shape[1], B.shape[0], A.dim() == 2
@@ -272,8 +268,8 @@ def _check_factors(layer: _Layer, tensors, label: str):
 def _check_bias(layer: _Layer, tensors, out_features: int, label: str) -> None:
     bias = tensors[layer.keys["bias"]]
     if tuple(bias.shape) != (out_features,):
-        raise _error(f"{label}: layer '{layer.name}': bias '{layer.keys['bias']}' is {_shape(bias)}, expected "
-                     f"{out_features} (the layer's output size)")
+        raise LoRAError(f"{label}: layer '{layer.name}': bias '{layer.keys['bias']}' is {_shape(bias)}, expected "
+                        f"{out_features} (the layer's output size)")
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -291,14 +287,14 @@ def _alpha_keys(layers: dict[str, _Layer], tensors, label: str) -> tuple[dict[st
         key = layer.keys["alpha"]
         tensor = tensors[key]
         if tensor.numel() != 1 or tensor.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise _error(f"{label}: '{key}' is {_shape(tensor)} of {str(tensor.dtype).replace('torch.', '')}; "
-                         "an alpha is a single number")
+            raise LoRAError(f"{label}: '{key}' is {_shape(tensor)} of {str(tensor.dtype).replace('torch.', '')}; "
+                            "an alpha is a single number")
         value = float(tensor.reshape(()))
         if value == 0:
-            raise _error(f"{label}: layer '{name}' has alpha 0 (its .alpha key): the layer would be scaled to nothing "
-                         "(kohya reads 0 as alpha = rank, diffusers as scale 0); write the alpha you mean")
+            raise LoRAError(f"{label}: layer '{name}' has alpha 0 (its .alpha key): the layer would be scaled to nothing "
+                            "(kohya reads 0 as alpha = rank, diffusers as scale 0); write the alpha you mean")
         if value < 0:
-            raise _error(f"{label}: layer '{name}' has alpha {value:g} (its .alpha key): alpha must be positive")
+            raise LoRAError(f"{label}: layer '{name}' has alpha {value:g} (its .alpha key): alpha must be positive")
         if layer.is_pair or "other" in layer.keys:
             alphas[name] = (value, tensor.dtype)
         elif set(layer.keys) == {"alpha"}:
@@ -328,13 +324,13 @@ def _adapter_configs(metadata: dict[str, str], label: str) -> dict[str, _Config]
     try:
         packed = json.loads(raw)
     except ValueError as exc:
-        raise _error(f"{where} is not valid JSON ({str(exc)[:80]}), so its rank and alpha cannot be read; fix or "
-                     "remove that entry") from None
+        raise LoRAError(f"{where} is not valid JSON ({str(exc)[:80]}), so its rank and alpha cannot be read; fix or "
+                        "remove that entry") from None
     if packed is None:
         return {}
     if not isinstance(packed, dict):
-        raise _error(f"{where} is a JSON {type(packed).__name__}, not an object of '<component>.r', "
-                     "'<component>.lora_alpha', ...")
+        raise LoRAError(f"{where} is a JSON {type(packed).__name__}, not an object of '<component>.r', "
+                        "'<component>.lora_alpha', ...")
     grouped: dict[str, dict] = {}
     for key, value in packed.items():
         component, _, field_name = key.rpartition(".")
@@ -345,23 +341,23 @@ def _adapter_configs(metadata: dict[str, str], label: str) -> dict[str, _Config]
             continue
         config = _Config(component, None, 0.0, {}, {})
         if "lora_alpha" not in fields:
-            raise _error(f"{where} has no {config.name('lora_alpha')}; PEFT would use its default alpha 8 in "
-                         "silence: add the alpha the LoRA was trained with")
+            raise LoRAError(f"{where} has no {config.name('lora_alpha')}; PEFT would use its default alpha 8 in "
+                            "silence: add the alpha the LoRA was trained with")
         config.lora_alpha = _positive(fields["lora_alpha"], f"{where} {config.name('lora_alpha')}", whole=False)
         if fields.get("r") is not None:
             config.r = int(_positive(fields["r"], f"{where} {config.name('r')}", whole=True))
         for pattern_field, whole in (("rank_pattern", True), ("alpha_pattern", False)):
             patterns = fields.get(pattern_field) or {}
             if not isinstance(patterns, dict):
-                raise _error(f"{where} {config.name(pattern_field)} is {patterns!r}, not an object of "
-                             "module pattern -> number")
+                raise LoRAError(f"{where} {config.name(pattern_field)} is {patterns!r}, not an object of "
+                                "module pattern -> number")
             checked = {}
             for pattern, value in patterns.items():
                 try:
                     re.compile(rf"(.*\.)?({pattern})$")
                 except re.error as exc:
-                    raise _error(f"{where} {config.name(pattern_field)}: '{pattern}' is not a valid pattern "
-                                 f"({exc})") from None
+                    raise LoRAError(f"{where} {config.name(pattern_field)}: '{pattern}' is not a valid pattern "
+                                    f"({exc})") from None
                 checked[pattern] = _positive(value, f"{where} {config.name(pattern_field)}['{pattern}']", whole)
             setattr(config, pattern_field, checked)
         configs[component] = config
@@ -370,11 +366,11 @@ def _adapter_configs(metadata: dict[str, str], label: str) -> dict[str, _Config]
 
 def _positive(value, where: str, whole: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _error(f"{where} is {json.dumps(value)}, not a number; fix the metadata or remove it")
+        raise LoRAError(f"{where} is {json.dumps(value)}, not a number; fix the metadata or remove it")
     if not math.isfinite(value) or value <= 0:
-        raise _error(f"{where} is {value}: {'rank' if whole else 'alpha'} must be a positive number")
+        raise LoRAError(f"{where} is {value}: {'rank' if whole else 'alpha'} must be a positive number")
     if whole and value != int(value):
-        raise _error(f"{where} is {value}: a rank is a whole number")
+        raise LoRAError(f"{where} is {value}: a rank is a whole number")
     return float(value)
 
 
@@ -426,12 +422,12 @@ def _check_adapter_configs(configs, layers, pairs, alphas, tensors, label) -> se
     if rank_clash:
         name, rank, said, source = rank_clash[0]
         layer = layers[name]
-        raise _error(f"{label}: layer '{name}' has rank {rank} ({layer.factor('down')} "
-                     f"{_shape(tensors[layer.keys['down']])}) but {where} {source} says {said:g}{_more(rank_clash)}")
+        raise LoRAError(f"{label}: layer '{name}' has rank {rank} ({layer.factor('down')} "
+                        f"{_shape(tensors[layer.keys['down']])}) but {where} {source} says {said:g}{_more(rank_clash)}")
     if alpha_clash:
         name, value, said, source = alpha_clash[0]
-        raise _error(f"{label}: layer '{name}': its .alpha key says {value:g} but {where} {source} says "
-                     f"{said:g}{_more(alpha_clash)}")
+        raise LoRAError(f"{label}: layer '{name}': its .alpha key says {value:g} but {where} {source} says "
+                        f"{said:g}{_more(alpha_clash)}")
     return set(covered)
 
 
@@ -448,9 +444,9 @@ def _kohya_metadata(metadata: dict[str, str], label: str) -> _Kohya:
     dim = _kohya_number(metadata, "ss_network_dim", label)
     alpha = _kohya_number(metadata, "ss_network_alpha", label)
     if dim == 0:
-        raise _error(f"{label}: kohya metadata ss_network_dim says 0: a rank must be positive")
+        raise LoRAError(f"{label}: kohya metadata ss_network_dim says 0: a rank must be positive")
     if dim is not None and dim != int(dim):
-        raise _error(f"{label}: kohya metadata ss_network_dim says {dim:g}: a rank is a whole number")
+        raise LoRAError(f"{label}: kohya metadata ss_network_dim says {dim:g}: a rank is a whole number")
     return _Kohya(None if dim is None else int(dim), alpha, _kohya_uniform(metadata.get("ss_network_args")))
 
 
@@ -462,7 +458,7 @@ def _kohya_number(metadata: dict[str, str], key: str, label: str) -> float | Non
     if not math.isfinite(value):
         return None
     if value < 0:
-        raise _error(f"{label}: kohya metadata {key} says {value:g}: it must be positive")
+        raise LoRAError(f"{label}: kohya metadata {key} says {value:g}: it must be positive")
     return value
 
 
@@ -496,8 +492,8 @@ def _check_kohya(kohya: _Kohya, layers, pairs, alphas, tensors, label) -> set[st
         rank, in_features, out_features, _ = pairs[name]
         layer = layers[name]
         if kohya.dim is not None and rank not in (kohya.dim, min(kohya.dim, in_features, out_features)):
-            raise _error(f"{label}: layer '{name}' has rank {rank} ({layer.factor('down')} "
-                         f"{_shape(tensors[layer.keys['down']])}) but kohya metadata ss_network_dim says {kohya.dim}")
+            raise LoRAError(f"{label}: layer '{name}' has rank {rank} ({layer.factor('down')} "
+                            f"{_shape(tensors[layer.keys['down']])}) but kohya metadata ss_network_dim says {kohya.dim}")
         if kohya.alpha is None:
             continue
         expected = kohya.alpha if kohya.alpha > 0 else float(rank)
@@ -505,10 +501,10 @@ def _check_kohya(kohya: _Kohya, layers, pairs, alphas, tensors, label) -> set[st
         if name in alphas:
             value, dtype = alphas[name]
             if not _same(value, expected, dtype):
-                raise _error(f"{label}: layer '{name}': its .alpha key says {value:g} but kohya metadata {said}")
+                raise LoRAError(f"{label}: layer '{name}': its .alpha key says {value:g} but kohya metadata {said}")
         elif not _same(float(rank), expected, torch.float32):
-            raise _error(f"{label}: layer '{name}' has no .alpha key, so it loads with alpha = rank = {rank}, but "
-                         f"kohya metadata {said}")
+            raise LoRAError(f"{label}: layer '{name}' has no .alpha key, so it loads with alpha = rank = {rank}, but "
+                            f"kohya metadata {said}")
     return set(linear) if kohya.alpha is not None else set()
 
 

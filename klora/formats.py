@@ -34,7 +34,7 @@ here with diffusers' own converter, which ``lora_state_dict`` would skip.
 
 Folding ``alpha / rank``: A takes ``alpha / rank * 2**k`` and B ``2**-k`` (k balances their magnitudes), so B stays
 exact and A is rounded once, in its own dtype. ``prepare`` never changes the caller's dict or tensors. It raises
-``klora.loras.LoRAError`` for musubi-tuner names that are no layer of the model, a layer with only one factor, and a
+``klora.errors.LoRAError`` for musubi-tuner names that are no layer of the model, a layer with only one factor, and a
 file with no low-rank layer.
 """
 
@@ -45,6 +45,8 @@ import re
 from collections import Counter
 
 import torch
+
+from .errors import LoRAError
 
 WAN_LOADERS = ("WanLoraLoaderMixin", "SkyReelsV2LoraLoaderMixin", "HeliosLoraLoaderMixin")
 HUNYUAN_VIDEO_LOADERS = ("HunyuanVideoLoraLoaderMixin",)
@@ -237,7 +239,7 @@ def _prepare_hunyuan_video(tensors, label):
     for module, parts in _by_module(original).items():
         down, up = _pair(parts)
         if (down is None) != (up is None):
-            raise _error(f"{label}: layer '{module}' has only one of its two LoRA factors")
+            raise LoRAError(f"{label}: layer '{module}' has only one of its two LoRA factors")
         A = B = None
         if down is not None:
             alpha = parts.get("alpha")
@@ -299,8 +301,8 @@ def _from_musubi(tensors, templates, family, label):
         else:
             out[f"{module}.{m[2]}"] = tensor
     if unknown:
-        raise _error(f"{label}: {len(unknown)} kohya/musubi-tuner key(s) name no layer of the original {family} "
-                     f"model: {_summary(unknown)}")
+        raise LoRAError(f"{label}: {len(unknown)} kohya/musubi-tuner key(s) name no layer of the original {family} "
+                        f"model: {_summary(unknown)}")
     return out
 
 
@@ -331,8 +333,8 @@ def _fold(down, up, alpha):
 def _refuse_or_warn(kept, dropped, label):
     if not any(_SUFFIX.fullmatch(k) and _SUFFIX.fullmatch(k)[2] in _DOWN for k in kept):
         what = f" ({_summary(dropped)})" if dropped else ""
-        raise _error(f"{label}: has no low-rank LoRA layer (lora_A/lora_B or lora_down/lora_up){what}; "
-                     "full weight deltas (.diff) cannot be applied as a LoRA")
+        raise LoRAError(f"{label}: has no low-rank LoRA layer (lora_A/lora_B or lora_down/lora_up){what}; "
+                        "full weight deltas (.diff) cannot be applied as a LoRA")
     if not dropped:
         return []
     return [f"{label}: {len(dropped)} weight change(s) a LoRA adapter cannot hold are not applied "
@@ -345,8 +347,3 @@ def _summary(names, limit=8) -> str:
     parts = [f"{n} ({c})" if c > 1 else n for n, c in counts.most_common(limit)]
     return ", ".join(parts) + (f", ... ({len(counts) - limit} more)" if len(counts) > limit else "")
 
-
-def _error(message: str):
-    from .loras import LoRAError  # loras imports this module
-
-    return LoRAError(message)

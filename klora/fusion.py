@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import loras, rule
-from .errors import KLoRAError
-from .loras import LoRAError
+from .errors import KLoRAError, LoRAError
 from .pipelines import Family, check_supported, denoisers_of, family_of
 
 METHODS = ("klora", "merge", "content", "style")

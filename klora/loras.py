@@ -22,17 +22,13 @@ from pathlib import Path
 import torch
 
 from . import checks, formats
-from .errors import KLoRAError
+from .errors import KLoRAError, LoRAError  # noqa: F401  (LoRAError: klora.loras.LoRAError stays valid)
 
 _UNET_BLOCK = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)")
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LORA_MARKERS = ("lora_A", "lora_B", "lora.down", "lora.up", "lora_down", "lora_up",
                  "lora_linear_layer", "_lora.down", "_lora.up", "lora_te", "lora_unet")
-
-
-class LoRAError(KLoRAError):
-    """A user-facing problem with a LoRA file: one line that says what to fix."""
 
 
 @dataclass
