@@ -1,4 +1,5 @@
-"""The README's commands stay true: every script it runs exists and accepts the flags shown."""
+"""The README and docs/ stay true: every script they run exists and accepts the flags shown, and
+every relative link leads to a file (and heading) that exists."""
 
 import re
 import shlex
@@ -8,11 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the README and every docs page
 
 
-def _commands():
-    """Every `python <script>.py ...` / `accelerate launch <script>.py ...` in a README code block."""
-    blocks = re.findall(r"```[^\n]*\n(.*?)```", README, flags=re.S)
+def _commands(text):
+    """Every `python <script>.py ...` / `accelerate launch <script>.py ...` in a code block of ``text``."""
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
     commands = []
     for block in blocks:
         text = re.sub(r"\\\n\s*", " ", block)  # join continued lines
@@ -34,17 +36,33 @@ def _commands():
     return commands
 
 
+def _page_commands():
+    """(page, script, args) for every command in the README and in docs/*.md."""
+    return [(page.relative_to(ROOT).as_posix(), script, args)
+            for page in PAGES for script, args in _commands(page.read_text())]
+
+
 def test_readme_mentions_the_main_commands():
-    scripts = {script for script, _ in _commands()}
+    """The README is the front door: it shows every top-level script and how to run the tests."""
+    scripts = {script for script, _ in _commands(README)}
     assert {"inference_sd.py", "inference.py", "inference_video.py", "inference_flux.py", "inference_gradio.py",
-            "train_dreambooth_lora_sdxl.py", "evaluate_grid.py", "evaluate_metrics.py",
-            "benchmarks/speed.py"} <= scripts
+            "train_dreambooth_lora_sdxl.py", "evaluate_grid.py", "evaluate_metrics.py"} <= scripts
     assert "bash .ci/run" in README
+    assert "benchmarks/speed.py" in {script for _, script, _ in _page_commands()}  # docs/speed.md
 
 
-@pytest.mark.parametrize("script,args", _commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
-def test_readme_command_parses(script, args):
-    """Parse each command line with the script's own parser (nothing runs)."""
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the test command the README gives."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line
+          and not line.lstrip().startswith("#")]
+    assert ci == ["python -m pytest -q"]
+    assert "`pip install -r requirements-dev.txt && python -m pytest -q`" in README
+
+
+@pytest.mark.parametrize("page,script,args", _page_commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_readme_command_parses(page, script, args):
+    """Parse each command line of the README and docs/ with the script's own parser (nothing runs)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
@@ -89,3 +107,52 @@ def test_new_scripts_demo(script, folder, files, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "noise; the demo checks the installation" in result.stdout and "Traceback" not in result.stderr
     assert sorted(p.name for p in (tmp_path / folder).iterdir()) == files
+
+
+def _outside_code(text):
+    """``text`` without its fenced code blocks (a ``# comment`` there is no heading, ``[x](y)`` no link)."""
+    return re.sub(r"^```.*?^```[^\n]*$", "", text, flags=re.S | re.M)
+
+
+def _anchors(page):
+    """The ``#anchor`` of every heading of a Markdown page, by GitHub's rule: lowercase, punctuation other
+    than '-' and '_' dropped, spaces to '-'; a repeated heading gets -1, -2, ..."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", _outside_code(page.read_text()), flags=re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(anchor if anchor not in seen else f"{anchor}-{seen[anchor]}")
+        seen[anchor] = seen.get(anchor, 0) + 1
+    return anchors
+
+
+def _links(page):
+    """Every link and image target of a Markdown page, outside code."""
+    text = re.sub(r"`[^`\n]*`", "", _outside_code(page.read_text()))
+    return re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+
+
+def _broken_links(page):
+    broken = []
+    for target in _links(page):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, flags=re.I):
+            continue  # https:, mailto: ...
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists() or not linked.is_relative_to(ROOT):
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.relative_to(ROOT)}")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_links_resolve(page):
+    """Every relative link of the README and docs/ leads to an existing file, and an ``#anchor`` to a heading."""
+    if page.name == "README.md":
+        assert len(_links(page)) > 10  # the links are found at all
+    assert _broken_links(page) == []
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in _links(ROOT / "README.md")}
+    assert [page.name for page in PAGES[1:] if page.resolve() not in linked] == []
