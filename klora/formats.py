@@ -1,8 +1,21 @@
-"""Video LoRA files that diffusers 0.42.1 cannot read, or reads wrongly, rewritten so that it reads them exactly.
+"""LoRA files that diffusers 0.42.1 cannot read, or reads wrongly, rewritten so that it reads them exactly; and
+the full-weight parts of any LoRA file, taken out for K-LoRA to apply itself.
+
+``split_full_parts(tensors, loader)`` runs first. Full-weight parts are deltas of whole parameters rather than
+low-rank factors: ``.diff`` (a weight), ``.diff_b`` (a bias), ``.w_norm`` / ``.b_norm`` (a norm's weight and bias).
+musubi-tuner, ai-toolkit and ComfyUI's trainer write them (norms, modulation tables, biases, the patch embedding),
+ComfyUI's loader adds each one to its parameter, and diffusers' converters drop most of them with at most a log
+line. They come out of the file named for the denoiser: original Wan and HunyuanVideo names (read against the
+tables ``WAN_MODULES`` + ``WAN_OTHER_MODULES`` + ``WAN_PARAMETERS`` and ``HUNYUAN_VIDEO_MODULES`` +
+``HUNYUAN_VIDEO_OTHER_MODULES``) for ``klora.loras`` to rename with diffusers' own checkpoint converters; FLUX.1 in
+Black Forest Labs' or kohya names through the table ``_FLUX1`` (fused q, k, v rows cut, final modulation halves
+swapped); anything else as the file names it, for a direct look-up in the denoiser. All-zero parts are left out (the
+zeroed norm deltas of distilled LoRAs change nothing). A Wan or HunyuanVideo ``diff_b`` on a layer the file also
+gives factors stays with them: diffusers turns it into that layer's ``lora_B.bias``.
 
 ``prepare(tensors, loader, label)`` runs right before ``<Pipeline>.lora_state_dict(tensors)``. It renames keys
 (and folds ``alpha / rank`` where diffusers ignores it) so that diffusers' own converters do the conversion; it does
-not replace them. Families other than Wan and HunyuanVideo pass through unchanged.
+not replace them. Families other than Wan, HunyuanVideo and FLUX.2 pass through unchanged.
 
 Wan (``WanLoraLoaderMixin``; SkyReels-V2 and Helios use the same converters):
 
@@ -15,11 +28,10 @@ Wan (``WanLoraLoaderMixin``; SkyReels-V2 and Helios use the same converters):
   ``text_embedding``, ``time_embedding``, ``img_emb``) and then raises; those alphas are folded into the factors.
   Diffusers scales cross-attention and FFN factors in place (``*=``), which would change the caller's tensors:
   those are copied first.
-- Full weight deltas (``.diff``) and biases of modules diffusers does not map are dropped by diffusers with at most
-  an info log. Decision: such a file is **loaded with a warning** that names how many deltas are not applied and
-  which layers they belong to (all-zero deltas, such as the zeroed norm deltas of distilled LoRAs, lose nothing and
-  are dropped without a word). A file with no low-rank layer left is refused. ``diff_b`` of mapped linears stay:
-  diffusers turns them into ``lora_B.bias``.
+- What is left that diffusers would drop (full parts reach ``prepare`` only when it is called on a whole file)
+  is **loaded with a warning** that names how many changes are not applied and which layers they belong to. A file
+  with no low-rank layer left is refused. ``diff_b`` of mapped linears stay: diffusers turns them into
+  ``lora_B.bias``.
 
 HunyuanVideo (``HunyuanVideoLoraLoaderMixin``): diffusers converts original names only with ``lora_A``/``lora_B``,
 no ``.alpha``, and only when some key contains ``img_attn_qkv``. musubi-tuner files (``lora_unet_double_blocks_0_
@@ -29,20 +41,20 @@ with ``alpha / rank`` folded in. Two layers diffusers converts wrongly are writt
 through: the token refiner's fused ``self_attn_qkv`` (diffusers splits lora_A along the rank) becomes three layers
 sharing A, and ``final_layer.adaLN_modulation.1`` (diffusers swaps the halves of lora_A as well as of lora_B, a
 silently wrong delta) becomes ``norm_out.linear`` with only B's (shift, scale) halves swapped. ``diff_b`` becomes
-``lora_B.bias``; ``.diff`` is dropped with the same warning as for Wan. A file without ``img_attn_qkv`` is converted
-here with diffusers' own converter, which ``lora_state_dict`` would skip.
+``lora_B.bias``; a ``.diff`` left in the file is dropped with the same warning as for Wan. A file without
+``img_attn_qkv`` is converted here with diffusers' own converter, which ``lora_state_dict`` would skip.
 
 Folding ``alpha / rank``: A takes ``alpha / rank * 2**k`` and B ``2**-k`` (k balances their magnitudes), so B stays
 exact and A is rounded once, in its own dtype. ``prepare`` never changes the caller's dict or tensors. It raises
 ``klora.errors.LoRAError`` for musubi-tuner names that are no layer of the model, a layer with only one factor, and a
 file with no low-rank layer.
 """
-
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -90,7 +102,7 @@ FLUX2_MODULES = (
 # loader -> (regex over module paths inside the denoiser, without "transformer.", anchored so that re.search and
 #            re.fullmatch agree; why those layers may be missing from a model the LoRA is otherwise fine for)
 _WAN_OPTIONAL = (
-    r"^(blocks\.\d+\.attn2\.add_[kv]_proj|condition_embedder\.image_embedder\..+)$",
+    r"^(blocks\.\d+\.attn2\.(add_[kv]_proj|norm_added_k)|condition_embedder\.image_embedder\..+)$",
     "Wan 2.1 image-to-video layers (image cross-attention k_img/v_img, image embedder), "
     "which text-to-video and Wan 2.2 models do not have",
 )
@@ -103,7 +115,7 @@ OPTIONAL_LAYERS: dict[str, tuple[str, str]] = {
 }
 
 _SUFFIX = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight"
-                     r"|alpha|diff|diff_b|dora_scale)")
+                     r"|alpha|diff|diff_b|w_norm|b_norm|dora_scale)")
 _DOWN = ("lora_A.weight", "lora_down.weight")
 _UP = ("lora_B.weight", "lora_up.weight")
 
@@ -272,6 +284,152 @@ def _hunyuan_video_layers(module, A, B, bias):
 
         return {"norm_out.linear": (A, swap(B), swap(bias))}
     return {module: (A, B, bias)}
+
+
+# --- full-weight parts ------------------------------------------------------------
+
+
+# Suffixes of whole-parameter deltas and the parameter of their layer each one changes. ComfyUI's loader
+# (comfy/lora.py) adds every one of them to that parameter, times the LoRA's strength; diffusers' converters
+# drop most of them, so K-LoRA takes them out of the file first (``split_full_parts``) and applies them itself.
+FULL_SUFFIXES = {"diff": "weight", "w_norm": "weight", "diff_b": "bias", "b_norm": "bias"}
+
+# What full parts may change in the original models besides their linears (``WAN_MODULES``,
+# ``HUNYUAN_VIDEO_MODULES``): norms with weights, the patch embedding, and Wan's modulation tables, which
+# are parameters of their block rather than modules.
+WAN_OTHER_MODULES = (
+    "blocks.{i}.norm3", "blocks.{i}.cross_attn.norm_k_img", "patch_embedding", "img_emb.proj.0", "img_emb.proj.4",
+    *(f"blocks.{{i}}.{attention}.{norm}" for attention in ("self_attn", "cross_attn") for norm in ("norm_q", "norm_k")),
+)
+WAN_PARAMETERS = ("blocks.{i}.modulation", "head.modulation")
+HUNYUAN_VIDEO_OTHER_MODULES = (
+    *(f"double_blocks.{{i}}.{s}_attn_{n}_norm" for s in ("img", "txt") for n in ("q", "k")),
+    "single_blocks.{i}.q_norm", "single_blocks.{i}.k_norm",
+    "txt_in.individual_token_refiner.blocks.{i}.norm1", "txt_in.individual_token_refiner.blocks.{i}.norm2",
+)
+
+# FLUX.1 in Black Forest Labs' names -> diffusers' FluxTransformer2DModel, for full parts (diffusers' FLUX
+# converters map low-rank factors only). Rows: "same"; "thirds" (a fused q, k, v weight); "single" (a single
+# block's linear1: q, k, v, then the 4x wider MLP input, so a seventh of the rows each for q, k, v); "swap"
+# (BFL's final modulation is (shift, scale), diffusers' norm_out is (scale, shift)).
+_FLUX1 = (
+    ("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn.to_{q,k,v}", "thirds"),
+    ("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn.add_{q,k,v}_proj", "thirds"),
+    ("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0", "same"),
+    ("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out", "same"),
+    ("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj", "same"),
+    ("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2", "same"),
+    ("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj", "same"),
+    ("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2", "same"),
+    ("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear", "same"),
+    ("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear", "same"),
+    ("double_blocks.{i}.img_attn.norm.query_norm", "transformer_blocks.{i}.attn.norm_q", "same"),
+    ("double_blocks.{i}.img_attn.norm.key_norm", "transformer_blocks.{i}.attn.norm_k", "same"),
+    ("double_blocks.{i}.txt_attn.norm.query_norm", "transformer_blocks.{i}.attn.norm_added_q", "same"),
+    ("double_blocks.{i}.txt_attn.norm.key_norm", "transformer_blocks.{i}.attn.norm_added_k", "same"),
+    ("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.{attn.to_q,attn.to_k,attn.to_v,proj_mlp}",
+     "single"),
+    ("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out", "same"),
+    ("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear", "same"),
+    ("single_blocks.{i}.norm.query_norm", "single_transformer_blocks.{i}.attn.norm_q", "same"),
+    ("single_blocks.{i}.norm.key_norm", "single_transformer_blocks.{i}.attn.norm_k", "same"),
+    ("img_in", "x_embedder", "same"),
+    ("txt_in", "context_embedder", "same"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1", "same"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2", "same"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1", "same"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2", "same"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1", "same"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2", "same"),
+    ("final_layer.linear", "proj_out", "same"),
+    ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
+)
+
+
+@dataclass
+class FullParts:
+    """The full-weight parts of a LoRA file, each the delta of one whole parameter.
+
+    ``original``: keyed by the parameter's name in the original model (Wan, HunyuanVideo), for the family's
+    checkpoint converter to rename. ``named``: keyed by (layer or parameter path as diffusers names it, maybe
+    with a prefix such as ``transformer.``; "weight" or "bias"), for a direct look-up in the denoiser.
+    """
+
+    original: dict[str, torch.Tensor] = field(default_factory=dict)
+    named: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.original or self.named)
+
+
+def split_full_parts(tensors: dict[str, torch.Tensor], loader: str) -> tuple[dict[str, torch.Tensor], FullParts]:
+    """(the file without its full-weight parts, for ``prepare``; the full-weight parts).
+
+    All-zero parts change nothing and are left out (distilled LoRAs ship zeroed norm deltas). A Wan or
+    HunyuanVideo ``diff_b`` on a layer the same file gives low-rank factors stays in the file: diffusers
+    turns it into that layer's ``lora_B.bias``. Never changes the caller's dict or tensors.
+    """
+    rest, parts = {}, FullParts()
+    paired = {m[1] for key in tensors if (m := _SUFFIX.fullmatch(key)) and m[2] in _DOWN}
+    video = loader in WAN_LOADERS or loader in HUNYUAN_VIDEO_LOADERS
+    for key, tensor in tensors.items():
+        m = _SUFFIX.fullmatch(key)
+        if m is None or m[2] not in FULL_SUFFIXES or (video and m[2] == "diff_b" and m[1] in paired):
+            rest[key] = tensor
+            continue
+        name, kind = m[1], FULL_SUFFIXES[m[2]]
+        if not tensor.count_nonzero():
+            continue
+        if loader in WAN_LOADERS and (parameter := _original_parameter(name, kind, WAN_MODULES + WAN_OTHER_MODULES,
+                                                                       WAN_PARAMETERS, ("diffusion_model.",))):
+            parts.original[parameter] = tensor
+        elif loader in HUNYUAN_VIDEO_LOADERS and (parameter := _original_parameter(
+                name, kind, HUNYUAN_VIDEO_MODULES + HUNYUAN_VIDEO_OTHER_MODULES, (),
+                ("diffusion_model.", "transformer."))):
+            parts.original[parameter] = tensor
+        elif loader == "FluxLoraLoaderMixin" and (mapped := _flux1_parts(name, kind, tensor)):
+            parts.named.update(mapped)
+        else:
+            parts.named[name, kind] = tensor
+    return rest, parts
+
+
+def _original_parameter(name, kind, modules, parameters, prefixes) -> str | None:
+    """The original model's parameter a full part in ``name`` (dotted or musubi's lora_unet_ form) changes."""
+    if name.startswith("lora_unet_"):
+        dotted, sep = name.removeprefix("lora_unet_"), "_"
+    else:
+        dotted, sep = next((name.removeprefix(p) for p in ("model.diffusion_model.", *prefixes)
+                            if name.startswith(p)), name), "."
+    if kind == "weight" and (parameter := _match(dotted, parameters, sep)) is not None:
+        return parameter
+    module = _match(dotted, modules, sep)
+    return None if module is None else f"{module}.{kind}"
+
+
+def _flux1_parts(name, kind, tensor) -> dict[tuple[str, str], torch.Tensor]:
+    """{(diffusers layer, kind): delta} for a full part of FLUX.1 in BFL or kohya names; {} for other names."""
+    if name.startswith("lora_unet_"):
+        dotted, sep = name.removeprefix("lora_unet_"), "_"
+    else:
+        dotted, sep = next((name.removeprefix(p) for p in ("model.diffusion_model.", "diffusion_model.")
+                            if name.startswith(p)), name), "."
+    dotted = re.sub(rf"(query_norm|key_norm){re.escape(sep)}scale$", r"\1", dotted)  # RMSNorm's parameter
+    for bfl, diffusers, rows in _FLUX1:
+        m = re.fullmatch(_template_regex(bfl, sep), dotted)
+        if m is None:
+            continue
+        target = diffusers.replace("{i}", m[1]) if m.groups() else diffusers
+        if rows == "same":
+            return {(target, kind): tensor}
+        if rows == "swap":
+            return {(target, kind): torch.cat(tensor.chunk(2)[::-1])}
+        stem, choices, tail = re.fullmatch(r"(.*)\{(.+)\}(.*)", target).groups()
+        names = [f"{stem}{choice}{tail}" for choice in choices.split(",")]
+        size = tensor.shape[0] // 3 if rows == "thirds" else tensor.shape[0] // 7
+        pieces = tensor.split([size] * (len(names) - 1) + [tensor.shape[0] - size * (len(names) - 1)])
+        return {(n, kind): piece for n, piece in zip(names, pieces)}
+    return {}
 
 
 # --- shared ----------------------------------------------------------------------

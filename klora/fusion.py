@@ -6,18 +6,33 @@ apply the one LoRA that ``klora.rule`` picks for that step. The choice is made
 before the forward on purpose: several denoisers rescale the *active* adapters
 inside their forward (``cross_attention_kwargs["scale"]``) and undo it afterwards.
 
+K-LoRA lives inside a LoRA stack. Extra LoRAs (a speed LoRA, a detail LoRA) are
+applied at their scale on every step and take no part in the choice; LoRAs the
+user loaded into the pipeline before attaching stay as the user set them (fused,
+or active adapters with their weights) and are as before after ``detach()``.
+``content_scale`` / ``style_scale`` multiply everything a LoRA applies.
+
 Two ways to apply the choice (``switching``):
-- ``"fused"`` (default): each layer's weight holds ``W0 + delta`` of the chosen
-  LoRA, so a step costs what the base model costs. A switch rewrites the weight
-  from an exact copy of ``W0`` (never by subtracting the old delta, which drifts
-  in half precision), in place, so compiled graphs see it without recompiling.
-- ``"adapters"``: both LoRAs stay PEFT adapters and ``set_adapter`` picks one;
-  works where weights cannot be written (sequential CPU offload, quantized models).
+- ``"fused"`` (default): each layer's weight holds ``W0 + extras + delta`` of the
+  chosen LoRA, so a step costs what the base model costs. A switch rewrites the
+  weight from an exact copy of ``W0 + extras`` (never by subtracting the old delta,
+  which drifts in half precision), in place, so compiled graphs see it without
+  recompiling; ``detach()`` copies ``W0`` back.
+- ``"adapters"``: the LoRAs stay PEFT adapters and each layer's active adapters
+  are the user's, the extras and the chosen one; works where weights cannot be
+  written (sequential CPU offload, quantized models).
+
+Full-weight parts of a file (``.diff``, ``.diff_b``, norm weights:
+``klora.formats.split_full_parts``) are written into their parameters in both
+modes, the way ComfyUI applies them: on a layer K-LoRA chooses in they come and
+go with their LoRA's low-rank delta, elsewhere they are always on. The choice
+itself only ever looks at the low-rank parts (K = r_c * r_s).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,11 +44,16 @@ from .errors import KLoRAError, LoRAError
 from .pipelines import Family, check_supported, denoisers_of, family_of
 
 METHODS = ("klora", "merge", "content", "style")
-ROLES = ("content", "style")
+ROLES = ("content", "style")  # the pair K-LoRA chooses between; extra LoRAs are "extra1", "extra2", ...
 ADAPTER_NAMES = {"content": "klora_content", "style": "klora_style"}
 SWITCHING = ("fused", "adapters")
 PROGRESS = ("steps", "noise")
 _NOTHING, _CONTENT, _STYLE, _BOTH = frozenset(), frozenset({"content"}), frozenset({"style"}), frozenset(ROLES)
+
+
+def adapter_name(role: str) -> str:
+    """The PEFT adapter name of a role: "klora_content", "klora_style", "klora_extra1", ..."""
+    return ADAPTER_NAMES.get(role) or f"klora_{role}"
 
 
 @dataclass
@@ -44,14 +64,15 @@ class _Generation:
 
 @dataclass
 class _Layer:
-    """One adapted layer of one denoiser."""
+    """One layer (or parameter) of one denoiser that the content or style LoRA changes."""
 
-    key: str  # its name in the selection log: the module path, or "<component>.<path>" with two denoisers
+    key: str  # its name in the selection log: the path, or "<component>.<path>" with two denoisers
     component: str
-    path: str
-    roles: frozenset  # which LoRAs adapt it
+    path: str  # a module path, or a parameter path for a full-weight part of a parameter (Wan's modulation)
+    roles: frozenset  # which LoRAs change it
     klora_roles: frozenset  # what it applies under "klora" where K-LoRA does not choose per step
     chosen: bool = False  # K-LoRA chooses here per step
+    full: frozenset = frozenset()  # which LoRAs change it with full-weight parts (.diff, .diff_b, norms)
 
 
 class KLoRA:
@@ -67,14 +88,20 @@ class KLoRA:
 
     ``content_2`` / ``style_2``: separate files for the second denoiser of a
     two-expert pipeline (Wan 2.2 HIGH/LOW LoRA pairs); by default both LoRAs go into
-    every denoiser. ``progress``: "steps" (p = step / steps, the paper's) or "noise"
-    (p = 1 - t / T from the scheduler's current timestep; see ``_SchedulerProgress``).
-    ``compile``: True or a dict of ``torch.compile`` options; compiles the
-    denoiser's repeated blocks (the per-step control stays outside the graph).
+    every denoiser. ``extra_loras``: LoRAs always on at their scale, outside the
+    choice: ``[path, (path, scale), ...]`` (files, folders, hub ids or state dicts);
+    ``extra_loras_2``: the second expert's instead (a HIGH/LOW speed LoRA).
+    ``content_scale`` / ``style_scale``: the strength of each LoRA (it multiplies the
+    LoRA's delta; the choice does not change with it). ``progress``: "steps"
+    (p = step / steps, the paper's) or "noise" (p = 1 - t / T from the scheduler's
+    current timestep; see ``_SchedulerProgress``). ``compile``: True or a dict of
+    ``torch.compile`` options; compiles the denoiser's repeated blocks (the per-step
+    control stays outside the graph).
     """
 
     def __init__(self, target, content, style, *, content_2=None, style_2=None, content_weight_name=None,
-                 style_weight_name=None, content_2_weight_name=None, style_2_weight_name=None,
+                 style_weight_name=None, content_2_weight_name=None, style_2_weight_name=None, extra_loras=(),
+                 extra_loras_2=None, content_scale=1.0, style_scale=1.0,
                  pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None, method="klora", progress="steps",
                  switching="fused", compile=False, num_inference_steps=None, text_encoder_lora=False,
                  max_logged_generations=64):
@@ -87,9 +114,11 @@ class KLoRA:
                                      ("switching", switching, SWITCHING)):
             if value not in allowed:
                 raise KLoRAError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        self.strengths = {"content": _strength(content_scale, "content_scale"),
+                          "style": _strength(style_scale, "style_scale")}
         for component, denoiser in self.denoisers.items():
             existing = getattr(denoiser, "peft_config", {}) or {}
-            if any(name in existing for name in ADAPTER_NAMES.values()) or hasattr(denoiser, "_klora_attached"):
+            if any(name.startswith("klora_") for name in existing) or hasattr(denoiser, "_klora_attached"):
                 raise KLoRAError("K-LoRA is already attached to this model; call detach() on it first")
         self.multi = len(self.denoisers) > 1
         self.progress_mode = progress
@@ -97,27 +126,29 @@ class KLoRA:
         self.generations: list[_Generation] = []
 
         files = self._read_files(content, style, content_2, style_2, content_weight_name, style_weight_name,
-                                 content_2_weight_name, style_2_weight_name)
+                                 content_2_weight_name, style_2_weight_name, extra_loras, extra_loras_2)
         self.labels = {role: f.label for role, f in files.items()}
         self._adapters = self._convert(files)
         self.switching = self._choose_switching(switching)
         self._collect_layers()
         self._text_encoders = []
+        self._peft = self._weights = None
         loaded = []
         try:
             if self.switching == "adapters":
-                self._switch = _AdapterSwitch(self, loaded)
-            else:
-                self._switch = _FusedSwitch(self)
+                self._peft = _Adapters(self, loaded)
+            self._weights = _Weights(self, lowrank=self.switching == "fused")
             self._handle_text_encoders(text_encoder_lora)
         except BaseException:
             self._remove_text_encoder_adapters()
-            if self.switching == "adapters":
-                _AdapterSwitch.remove_names(self.denoisers, loaded)
-            elif hasattr(self, "_switch"):
-                self._switch.remove()
+            if self._weights is not None:
+                self._weights.remove()
+            if self._peft is not None:
+                self._peft.remove()
+            elif loaded:
+                _Adapters.remove_names(self.denoisers, loaded)
             raise
-        del self._adapters  # the tensors now live in the adapters or the fused switch
+        del self._adapters  # the tensors now live in the adapters or the weight writer
 
         self._progress = _progress_source(self.pipeline, self.family, num_inference_steps, progress)
         self._state = {layer.key: None for layer in self.layers}  # which LoRAs each layer applies now
@@ -137,7 +168,7 @@ class KLoRA:
     # --- setup -------------------------------------------------------------
 
     def _read_files(self, content, style, content_2, style_2, content_weight_name, style_weight_name,
-                    content_2_weight_name, style_2_weight_name) -> dict:
+                    content_2_weight_name, style_2_weight_name, extra_loras, extra_loras_2) -> dict:
         files = {"content": _as_lora_file(content, content_weight_name, "content LoRA"),
                  "style": _as_lora_file(style, style_weight_name, "style LoRA")}
         for role, source, weight_name in (("content", content_2, content_2_weight_name),
@@ -147,6 +178,15 @@ class KLoRA:
             if not self.multi:
                 raise _one_denoiser(f"{role}_2", self._model_name())
             files[f"{role}_2"] = _as_lora_file(source, weight_name, f"{role} LoRA (second expert)")
+        self.extra_scales = {}
+        for suffix, entries, where in (("", extra_loras, ""), ("_2", extra_loras_2, " (second expert)")):
+            entries = _extra_entries(entries, f"extra_loras{suffix}")
+            if entries and suffix and not self.multi:
+                raise _one_denoiser("extra_2", self._model_name())
+            for i, (source, scale) in enumerate(entries, start=1):
+                key = f"extra{i}{suffix}"
+                files[key] = _as_lora_file(source, None, f"extra LoRA {i}{where}")
+                self.extra_scales[key] = scale
         return files
 
     def _model_name(self) -> str:
@@ -160,14 +200,29 @@ class KLoRA:
         adapters, notes = _convert_all(self.family, self.denoisers, files)
         for line in notes:
             warnings.warn(line, stacklevel=4)
+        for (component, role), adapter in adapters.items():
+            key = self.files_for(component)[role]
+            strength = self.strengths.get(role) or self.extra_scales[key]
+            adapters[component, role] = loras.scaled(adapter, strength)
         return adapters
 
+    def extra_roles(self, component: str) -> list[str]:
+        """The extra LoRAs' roles ("extra1", ...) in ``component``, in the order given."""
+        return [role for role in self.files_for(component) if role not in ROLES]
+
     def _choose_switching(self, switching: str) -> str:
+        for component, denoiser in self.denoisers.items():
+            for role in self.files_for(component):
+                reason = _why_not_writable(denoiser, self._adapters[component, role].full)
+                if reason is not None:
+                    raise LoRAError(f"{self.labels[self.files_for(component)[role]]}: its full-weight deltas cannot "
+                                    f"be written into this model ({reason})")
         if switching == "adapters":
             return switching
         reason = None
         for component, denoiser in self.denoisers.items():
-            reason = reason or _why_not_fused(denoiser, {r: self._adapters[component, r] for r in ROLES})
+            adapters = {role: self._adapters[component, role] for role in self.files_for(component)}
+            reason = reason or _why_not_fused(denoiser, adapters)
         if reason is None:
             return "fused"
         warnings.warn(f"fused switching is not possible here ({reason}); K-LoRA switches PEFT adapters instead",
@@ -188,32 +243,36 @@ class KLoRA:
             adapters = {role: self._adapters[component, role] for role in ROLES}
             device = _stats_device(denoiser)
             modules = {role: set(adapters[role].modules) for role in ROLES}
+            module_paths = _module_paths(denoiser)
+            full = {role: {_unit_of(path, module_paths) for path in adapters[role].full} for role in ROLES}
             shared, stats = [], []
-            adapted = modules["content"] | modules["style"]
-            with torch.no_grad():
-                for path in (name for name, _ in denoiser.named_modules() if name in adapted):  # model order
-                    key = f"{component}.{path}" if self.multi else path
-                    roles = frozenset(role for role in ROLES if path in modules[role])
-                    if roles == _BOTH:
+            for path in _paths_in_model_order(denoiser, set.union(*modules.values(), *full.values())):
+                key = f"{component}.{path}" if self.multi else path
+                roles = frozenset(role for role in ROLES if path in modules[role] or path in full[role])
+                with_full = frozenset(role for role in ROLES if path in full[role])
+                if all(path in modules[role] for role in ROLES):
+                    with torch.no_grad():
                         layer_stats = _layer_stats(adapters, path, device)
-                        zero = [role for role, total in zip(ROLES, (layer_stats.content_abs_sum,
-                                                                   layer_stats.style_abs_sum)) if total == 0]
-                        if not zero:
-                            layer = _Layer(key, component, path, roles, roles, chosen=True)
-                            shared.append(layer)
-                            stats.append(layer_stats)
-                            self.stats[key] = layer_stats
-                            self.layers.append(layer)
-                            continue
-                        # An all-zero weight update never competes: the other LoRA is used there at every
-                        # step (the zero side's bias, if it has one, still applies under its own method).
-                        for role in zero:
-                            zero_sides[role] += 1
-                        used = _STYLE if zero == ["content"] else _CONTENT
-                    else:
-                        used = roles
+                    zero = [role for role, total in zip(ROLES, (layer_stats.content_abs_sum,
+                                                               layer_stats.style_abs_sum)) if total == 0]
+                    if not zero:
+                        layer = _Layer(key, component, path, roles, roles, chosen=True, full=with_full)
+                        shared.append(layer)
+                        stats.append(layer_stats)
+                        self.stats[key] = layer_stats
+                        self.layers.append(layer)
+                        continue
+                    # An all-zero weight update never competes: the other LoRA is used there at every step
+                    # (the zero side's bias, if it has one, still applies under its own method; its full-weight
+                    # parts, if any, stay on).
+                    for role in zero:
+                        zero_sides[role] += 1
+                    used = (_STYLE if zero == ["content"] else _CONTENT) | with_full
+                else:
+                    used = roles
+                if len(used) == 1:
                     self.only[key] = next(iter(used))
-                    self.layers.append(_Layer(key, component, path, roles, used))
+                self.layers.append(_Layer(key, component, path, roles, used, full=with_full))
             self._shared[component] = shared
             self._gamma[component] = rule.gamma_from_ratios([s.ratio for s in stats])
             self._content_topk[component] = torch.tensor([s.content_topk_sum for s in stats], dtype=torch.float64)
@@ -223,7 +282,7 @@ class KLoRA:
                 other = "style" if role == "content" else "content"
                 warnings.warn(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the "
                               f"{other} LoRA is used there at every step", stacklevel=4)
-        if not any(layer.roles == _BOTH for layer in self.layers):
+        if not any(layer.chosen or layer.roles == _BOTH for layer in self.layers):
             warnings.warn("the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
                           "choose, each LoRA is applied on its own layers", stacklevel=4)
 
@@ -244,12 +303,13 @@ class KLoRA:
 
     def _handle_text_encoders(self, apply: bool) -> None:
         """Text-encoder weights in the files: always on when asked for, never chosen per step."""
+        first = next(iter(self.denoisers))
         carrying = [(role, adapter) for (component, role), adapter in self._adapters.items()
-                    if adapter.text_encoder_state_dicts and component == next(iter(self.denoisers))]
+                    if adapter.text_encoder_state_dicts and component == first]
         if not carrying:
             return
         if not apply:
-            names = " and ".join(self.labels[role] for role, _ in carrying)
+            names = " and ".join(self.labels[self.files_for(first)[role]] for role, _ in carrying)
             warnings.warn(f"{names} also hold text-encoder weights; they are not applied "
                           "(text_encoder_lora=True / --text_encoder_lora applies them)", stacklevel=4)
             return
@@ -257,29 +317,34 @@ class KLoRA:
             raise KLoRAError("text-encoder LoRA weights need a pipeline whose LoRA loader handles text encoders")
         done = self._text_encoders
         for role, adapter in carrying:
+            label = self.labels[self.files_for(first)[role]]
             for te_name, part in adapter.text_encoder_state_dicts.items():
                 encoder = getattr(self.pipeline, te_name, None)
                 if encoder is None:
-                    raise LoRAError(f"{self.labels[role]}: has '{te_name}' weights but the pipeline has no {te_name}")
+                    raise LoRAError(f"{label}: has '{te_name}' weights but the pipeline has no {te_name}")
                 prefixed = {f"{te_name}.{k}": v for k, v in part.items()}
                 alphas = {k: v for k, v in (adapter.text_encoder_alphas or {}).items() if k.startswith(te_name + ".")}
                 try:
                     with loras.quiet_libraries():
                         self.pipeline.load_lora_into_text_encoder(
                             prefixed, network_alphas=alphas or None, text_encoder=encoder, prefix=te_name,
-                            adapter_name=ADAPTER_NAMES[role], _pipeline=self.pipeline)
+                            adapter_name=adapter_name(role), _pipeline=self.pipeline)
                 except Exception as exc:
-                    done.append((encoder, ADAPTER_NAMES[role]))  # removed again by the caller
-                    raise LoRAError(f"{self.labels[role]}: its {te_name} weights could not be loaded "
+                    done.append((encoder, adapter_name(role), adapter.strength))  # removed again by the caller
+                    raise LoRAError(f"{label}: its {te_name} weights could not be loaded "
                                     f"({type(exc).__name__}: {loras._short(exc)})") from None
-                done.append((encoder, ADAPTER_NAMES[role]))
+                done.append((encoder, adapter_name(role), adapter.strength))
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for encoder in {id(e): e for e, _ in done}.values():
-            names = [n for e, n in done if e is encoder]
+        for encoder in {id(entry[0]): entry[0] for entry in done}.values():
+            names = {entry[1]: entry[2] for entry in done if entry[0] is encoder}
             for module in encoder.modules():
                 if isinstance(module, BaseTunerLayer):
-                    module.set_adapter([n for n in names if n in module.lora_A], inference_mode=True)
+                    present = [n for n in names if n in module.lora_A]
+                    module.set_adapter(present, inference_mode=True)
+                    for name in present:
+                        if names[name] != 1.0:
+                            module.set_scale(name, names[name])
 
     def _compile(self, options: dict) -> None:
         if self.switching == "adapters":
@@ -357,7 +422,7 @@ class KLoRA:
         return before_forward
 
     def _before_forward(self, component, module, args, kwargs) -> None:
-        if self.switching == "fused":
+        if self._weights.in_use:
             self._follow_lora_scale(kwargs)
         if self.method != "klora":
             return
@@ -366,7 +431,7 @@ class KLoRA:
             if new_generation:
                 self.generations.append(_Generation(num_inference_steps=total, steps=[]))
                 del self.generations[:-self._max_generations]
-                self._switch.prepare()
+                self._weights.prepare()
             self._plan = {"masks": {}, "canonical": {}, "logged": set()}
             for value in self._progress.schedule():  # every step's choice, worked out once per generation
                 for c in self.denoisers:
@@ -379,18 +444,16 @@ class KLoRA:
             self.generations[-1].steps.append((step, progress, self.scale_at(progress), component, mask))
 
     def _follow_lora_scale(self, kwargs) -> None:
-        """Fused weights hold the deltas, so the pipeline's LoRA scale (which PEFT adapters would apply
-        in the forward) is folded into them: a changed scale rewrites every adapted layer."""
+        """Written weights hold the deltas, so the pipeline's LoRA scale (which PEFT adapters would apply
+        in the forward) is folded into them: a changed scale rewrites every written layer."""
         scale = 1.0
         for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
             extra = kwargs.get(name)
             if isinstance(extra, dict) and extra.get("scale") is not None:
                 scale = float(extra["scale"])
                 break
-        if scale != self._switch.lora_scale:
-            self._switch.lora_scale = scale
-            self._switch.show([(layer, roles) for layer in self.layers
-                               if (roles := self._state[layer.key]) is not None])
+        if scale != self._weights.lora_scale:
+            self._weights.set_lora_scale(scale, self._state)
 
     def _planned_mask(self, component: str, progress: float) -> tuple:
         """The choice at ``progress``; steps with the same choice share one object, so a step
@@ -412,7 +475,9 @@ class KLoRA:
         changes = [(layer, wanted[layer.key]) for layer in self.layers
                    if layer.key in wanted and self._state[layer.key] != wanted[layer.key]]
         if changes:
-            self._switch.show(changes)
+            if self._peft is not None:
+                self._peft.show(changes)
+            self._weights.show(changes)
             for layer, roles in changes:
                 self._state[layer.key] = roles
 
@@ -424,12 +489,20 @@ class KLoRA:
             "pattern": self.pattern, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
             "method": self.method, "progress": self.progress_mode, "switching": self.switching,
         }
-        log.update(self.labels)
+        log.update({role: label for role, label in self.labels.items() if not role.startswith("extra")})
+        if self.strengths != {"content": 1.0, "style": 1.0}:
+            log["content_scale"], log["style_scale"] = self.strengths["content"], self.strengths["style"]
+        if self.extra_scales:
+            log["extra_loras"] = [{"file": self.labels[key], "scale": scale, "second_expert": key.endswith("_2")}
+                                  for key, scale in self.extra_scales.items()]
         if self.multi:
             log["denoisers"] = list(self.denoisers)
         log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum,
                                "style_topk_sum": s.style_topk_sum} for key, s in self.stats.items()}
         log["only"] = dict(self.only)
+        full = {layer.key: sorted(layer.full) for layer in self.layers if layer.full}
+        if full:
+            log["full_weight_deltas"] = full
         generations = []
         for g in self.generations:
             steps = []
@@ -448,19 +521,22 @@ class KLoRA:
         _atomic_write_text(path, json.dumps(self.selection_log(), indent=1))
 
     def memory(self) -> dict[str, int]:
-        """Bytes of exact weight copies fused switching keeps, by device ({} with adapters)."""
-        return self._switch.memory()
+        """Bytes of exact weight copies K-LoRA keeps, by device ({} when it writes no weight)."""
+        return self._weights.memory()
 
     # --- removal -----------------------------------------------------------
 
     def detach(self) -> None:
-        """Remove the hooks and both LoRAs; every weight is exactly as before."""
+        """Remove the hooks, the LoRAs and the extras; the user's own LoRAs stay as they were, every
+        weight is exactly as before."""
         if getattr(self, "_detached", True):
             return
         for hook in self._hooks:
             hook.remove()
         self._progress.release()
-        self._switch.remove()
+        self._weights.remove()
+        if self._peft is not None:
+            self._peft.remove()
         self._remove_text_encoder_adapters()
         for component, denoiser in self.denoisers.items():
             if hasattr(denoiser, "_klora_attached"):
@@ -471,7 +547,8 @@ class KLoRA:
         self._detached = True
 
     def _remove_text_encoder_adapters(self) -> None:
-        for encoder, _ in self._text_encoders:
+        for entry in self._text_encoders:
+            encoder = entry[0]
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             if any(isinstance(m, BaseTunerLayer) for m in encoder.modules()):
@@ -494,7 +571,8 @@ class KLoRA:
         gamma = {k: round(v, 4) for k, v in gamma.items()} if isinstance(gamma, dict) else f"{gamma:.4g}"
         return (f"KLoRA(family={self.family.name!r}, pattern={self.pattern!r}, alpha={self.alpha}, "
                 f"beta={self.beta}, gamma={gamma}, method={self.method!r}, switching={self.switching!r}, "
-                f"shared_layers={len(self.paths)}, single_lora_layers={len(self.only)})")
+                f"shared_layers={len(self.paths)}, single_lora_layers={len(self.only)}, "
+                f"extra_loras={len(self.extra_scales)})")
 
 
 def attach(target, content, style, **kwargs) -> KLoRA:
@@ -505,8 +583,9 @@ def attach(target, content, style, **kwargs) -> KLoRA:
 def check_loras(name_or_path, files: dict[str, loras.LoRAFile]) -> list[str]:
     """Check LoRA files against a model before its weights are loaded: the model's denoisers are
     built on the meta device from their configs. ``files``: {"content": ..., "style": ...,
-    "content_2"?: ..., "style_2"?: ...}. Raises ``LoRAError``; returns the warning lines
-    ``KLoRA`` will give. Does nothing when the configs cannot be read (the load reports that)."""
+    "content_2"?: ..., "style_2"?: ..., "extra1"?: ..., "extra1_2"?: ...}. Raises ``LoRAError``;
+    returns the warning lines ``KLoRA`` will give. Does nothing when the configs cannot be read
+    (the load reports that)."""
     from .pipelines import empty_denoisers, family_for_model
 
     family, _ = family_for_model(name_or_path)
@@ -515,7 +594,7 @@ def check_loras(name_or_path, files: dict[str, loras.LoRAFile]) -> list[str]:
         return []
     for key in files:
         if key.endswith("_2") and len(denoisers) < 2:
-            raise _one_denoiser(key, f"{family.name} '{name_or_path}'")
+            raise _one_denoiser("extra_2" if key.startswith("extra") else key, f"{family.name} '{name_or_path}'")
     return _convert_all(family, denoisers, files)[1]
 
 
@@ -525,9 +604,43 @@ def _one_denoiser(key: str, model: str) -> KLoRAError:
 
 
 def _files_for(components: list[str], component: str, files) -> dict[str, str]:
-    """{role: file key} used for ``component``: the ``_2`` files go to the second denoiser."""
+    """{role: file key} used for ``component``: the ``_2`` files go to the second denoiser. Roles: content,
+    style, then extra1, extra2, ... (the second denoiser's own extra list when one was given)."""
     second = len(components) > 1 and component == components[1]
-    return {role: (f"{role}_2" if second and f"{role}_2" in files else role) for role in ROLES}
+    chosen = {role: (f"{role}_2" if second and f"{role}_2" in files else role) for role in ROLES}
+    own_extras = second and any(k.startswith("extra") and k.endswith("_2") for k in files)
+    for key in files:
+        if key.startswith("extra") and key.endswith("_2") == own_extras:
+            chosen[key.removesuffix("_2")] = key
+    return chosen
+
+
+def _extra_entries(entries, name: str) -> list[tuple[object, float]]:
+    """``[(source, scale)]`` from ``[source, (source, scale), ...]``."""
+    if entries is None:
+        return []
+    if isinstance(entries, (str, os.PathLike, dict, loras.LoRAFile)):
+        entries = [entries]
+    out = []
+    for entry in entries:
+        if isinstance(entry, tuple):
+            if len(entry) != 2:
+                raise KLoRAError(f"{name}: each entry is a LoRA or a (LoRA, scale) pair, got {entry!r}")
+            source, scale = entry
+        else:
+            source, scale = entry, 1.0
+        out.append((source, _strength(scale, f"{name} scale")))
+    return out
+
+
+def _strength(value, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise KLoRAError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value == 0:
+        raise KLoRAError(f"{name} must be a finite number other than 0 (0 would apply nothing), got {value}")
+    return value
 
 
 def _convert_all(family, denoisers: dict, files: dict) -> tuple[dict, list[str]]:
@@ -545,43 +658,113 @@ def _convert_all(family, denoisers: dict, files: dict) -> tuple[dict, list[str]]
     return adapters, list(dict.fromkeys(notes))
 
 
-# --- applying a choice: PEFT adapters or fused weights ---------------------------
+def _unit_of(parameter: str, module_paths: set[str]) -> str:
+    """The layer a full-weight part belongs to: the module of a weight or bias, else the parameter itself."""
+    module, _, name = parameter.rpartition(".")
+    return module if name in ("weight", "bias") and module in module_paths else parameter
 
-class _AdapterSwitch:
-    """Both LoRAs as PEFT adapters; a layer applies the adapters set active on it."""
+
+def _module_paths(denoiser) -> set[str]:
+    """Every module path of ``denoiser``, PEFT's wrappers seen through ("x.base_layer" is "x")."""
+    return {name.replace(".base_layer", "") for name, _ in denoiser.named_modules()}
+
+
+def _paths_in_model_order(denoiser, paths: set[str]) -> list[str]:
+    """``paths`` (modules and parameters) in the order the denoiser holds their parameters."""
+    order = []
+    for name in loras.denoiser_parameters(denoiser):
+        owner = name.rpartition(".")[0]
+        for candidate in (owner, name):
+            if candidate in paths and candidate not in order:
+                order.append(candidate)
+    return order + sorted(paths - set(order))
+
+
+# --- applying a choice: PEFT adapters, and weights written in place ------------------
+
+class _Adapters:
+    """The LoRAs as PEFT adapters: a layer's active adapters are the user's own (as they were before
+    attaching), the extra LoRAs it has, and the ones K-LoRA applies there now.
+
+    A user's LoRA fused into a layer (``fuse_lora``) stays fused: its delta is in the weight, so the layer is
+    marked unmerged while K-LoRA is attached (PEFT would otherwise skip every adapter there, and loading an
+    adapter would unmerge it by subtraction) with the fused adapter inactive, and marked merged again after.
+    """
 
     def __init__(self, klora: KLoRA, loaded: list):
+        from diffusers import DiffusionPipeline
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.denoisers = klora.denoisers
         self._had_adapters = {c: bool(getattr(d, "peft_config", {}) or {}) for c, d in self.denoisers.items()}
-        from diffusers import DiffusionPipeline
-
+        # The user's adapters, layer by layer, to keep them on and to put them back exactly.
+        self._user = {}
+        for denoiser in self.denoisers.values():
+            for module in denoiser.modules():
+                if isinstance(module, BaseTunerLayer):
+                    merged = list(module.merged_adapters)
+                    self._user[module] = (list(module.active_adapters), merged,
+                                          {p: p.requires_grad for p in module.parameters()})
+                    module.merged_adapters = []
         pipeline = klora.pipeline if isinstance(klora.pipeline, DiffusionPipeline) else None  # offload handling
+        try:
+            for component, denoiser in self.denoisers.items():
+                for role, key in klora.files_for(component).items():
+                    loras.load_adapter(denoiser, klora._adapters[component, role], adapter_name(role),
+                                       klora.labels[key], pipeline=pipeline)
+                    loaded.append((component, adapter_name(role)))
+        except BaseException:
+            self._restore_user()
+            raise
+        self._modules, self._fixed = {}, {}
         for component, denoiser in self.denoisers.items():
-            for role in ROLES:
-                key = klora.files_for(component)[role]
-                loras.load_adapter(denoiser, klora._adapters[component, role], ADAPTER_NAMES[role],
-                                   klora.labels[key], pipeline=pipeline)
-                loaded.append((component, ADAPTER_NAMES[role]))
-        by_component = {c: dict(d.named_modules()) for c, d in self.denoisers.items()}
-        self._modules = {layer.key: by_component[layer.component][layer.path] for layer in klora.layers}
-
-    def prepare(self) -> None:
-        pass
+            extras = [adapter_name(role) for role in klora.extra_roles(component)]
+            for path, module in denoiser.named_modules():
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                active, merged, _ = self._user.get(module, ([], [], {}))
+                user = [n for n in active if n not in merged]  # a fused LoRA is in the weight already
+                fixed = self._fixed[module] = user + [n for n in extras if n in module.lora_A]
+                ours = any(name.startswith("klora_") for name in module.lora_A)
+                if ours:
+                    module.set_adapter(fixed, inference_mode=True)  # K-LoRA's own come with the first show()
+                self._modules[component, path] = module
+        self._by_key = {layer.key: self._modules.get((layer.component, layer.path)) for layer in klora.layers}
 
     def show(self, changes) -> None:
         for layer, roles in changes:
-            self._modules[layer.key].set_adapter([ADAPTER_NAMES[r] for r in ROLES if r in roles],
-                                                 inference_mode=True)
-
-    def memory(self) -> dict:
-        return {}
+            module = self._by_key[layer.key]
+            if module is not None:
+                present = module.lora_A
+                module.set_adapter(self._fixed[module] + [ADAPTER_NAMES[r] for r in ROLES
+                                                          if r in roles and ADAPTER_NAMES[r] in present],
+                                   inference_mode=True)
 
     def remove(self) -> None:
         for component, denoiser in self.denoisers.items():
+            names = [n for n in (getattr(denoiser, "peft_config", {}) or {}) if n.startswith("klora_")]
             if not self._had_adapters[component]:
                 denoiser.unload_lora()  # unwraps every LoRA layer: the original modules come back
-            else:
-                denoiser.delete_adapters(list(ADAPTER_NAMES.values()))
+            elif names:
+                denoiser.delete_adapters(names)
+                self._unwrap_emptied(denoiser)
+        self._restore_user()
+
+    def _restore_user(self) -> None:
+        for module, (active, merged, requires_grad) in self._user.items():
+            module.set_adapter(active)
+            module.merged_adapters = merged
+            for parameter, flag in requires_grad.items():
+                parameter.requires_grad_(flag)
+
+    def _unwrap_emptied(self, denoiser) -> None:
+        """Put back the plain layers K-LoRA wrapped next to the user's LoRA layers (now without adapters)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for parent in list(denoiser.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, BaseTunerLayer) and child not in self._user and not child.lora_A:
+                    setattr(parent, name, child.get_base_layer())
 
     @staticmethod
     def remove_names(denoisers, loaded) -> None:
@@ -590,133 +773,239 @@ class _AdapterSwitch:
                 denoisers[component].delete_adapters(name)
 
 
-class _FusedSwitch:
-    """Each layer's weight is ``W0 + sum of the applied LoRAs' deltas``, rewritten in place from ``W0``.
+class _Weights:
+    """Parameters K-LoRA writes in place: ``W0 + extras + the parts of the LoRAs applied now``, from exact copies.
 
-    Layers both LoRAs adapt keep ``W0`` on the weight's device when it fits (else on
-    the host): they switch during a generation. Layers one LoRA adapts are merged
-    once; their ``W0`` waits on the host for ``detach`` and method changes.
+    ``lowrank``: the low-rank factors are applied by writing the weights too (fused switching); without it
+    PEFT adapters apply them and only the full-weight parts are written. Layers both LoRAs adapt keep their copy on the weight's device when it fits (else on
+    the host): they switch during a generation. Other layers are written once; their ``W0`` waits on the host
+    for ``detach`` and method changes. The extra LoRAs live in the copy the switch rewrites from; ``W0`` itself
+    is kept apart, for ``detach``.
     """
 
-    def __init__(self, klora: KLoRA):
-        self._entries: dict[str, _Entry] = {}
+    def __init__(self, klora: KLoRA, lowrank: bool):
+        self._tensors: dict[str, list[_Tensor]] = {}  # layer key -> what a switch of that layer rewrites
+        self._fixed: list[_Tensor] = []  # parameters only extra LoRAs change: written once
         self._bytes = {}
         self.lora_scale = 1.0  # the pipeline's LoRA scale (cross_attention_kwargs["scale"] and the like)
         shared_keys = set(klora.paths)
-        modules = {c: dict(d.named_modules()) for c, d in klora.denoisers.items()}
-        for layer in klora.layers:
-            module = modules[layer.component][layer.path]
-            module = getattr(module, "base_layer", module)
-            weight = _storage(module, "weight")
-            switching = layer.key in shared_keys
-            home = _backup_device(weight, switching)
-            factors = {}
-            for role in layer.roles:
-                adapter = klora._adapters[layer.component, role]
-                A = adapter.state_dict[f"{layer.path}.lora_A.weight"]
-                B = adapter.state_dict[f"{layer.path}.lora_B.weight"]
-                bias = adapter.state_dict.get(f"{layer.path}.lora_B.bias")
-                to = dict(device=home, dtype=weight.dtype)
-                factors[role] = (A.flatten(1).to(**to).contiguous(), B.flatten(1).to(**to).contiguous(),
-                                 float(adapter.scales[layer.path]), None if bias is None else bias.to(**to))
-            with torch.no_grad():
-                backup = weight.detach().to(home, copy=True)
-                if home.type == "cpu" and weight.device.type == "cuda":
-                    backup = backup.pin_memory()
-                bias_backup = None
-                if any(f[3] is not None for f in factors.values()):
-                    bias_backup = _storage(module, "bias").detach().to(home, copy=True)
-            self._entries[layer.key] = _Entry(module, backup, bias_backup, factors, switching)
-            size = backup.numel() * backup.element_size()
-            self._bytes[str(home)] = self._bytes.get(str(home), 0) + size
+        for component, denoiser in klora.denoisers.items():
+            modules = {name.replace(".base_layer", ""): m for name, m in denoiser.named_modules()}
+            parameters = loras.denoiser_parameters(denoiser)
+            extras = [klora._adapters[component, role] for role in klora.extra_roles(component)]
+            layers = {layer.path: layer for layer in klora.layers if layer.component == component}
+            module_paths = set(modules)
+            for path in set(layers) | {p for a in extras for p in _changed_units(a, module_paths, lowrank)}:
+                layer = layers.get(path)
+                terms = {role: klora._adapters[component, role] for role in (layer.roles if layer else ())}
+                tensors = []
+                for name, target in _targets(path, modules, parameters):
+                    role_terms = {role: _terms(a, path, name, target, lowrank)
+                                  for role, a in terms.items()}
+                    role_terms = {role: t for role, t in role_terms.items() if t}
+                    base_terms = tuple(t for a in extras for t in _terms(a, path, name, target,
+                                                                          lowrank))
+                    if not role_terms and not base_terms:
+                        continue
+                    owner, attribute = target
+                    tensors.append(self._tensor(owner, attribute, role_terms, base_terms,
+                                                layer is not None and layer.key in shared_keys))
+                if not tensors:
+                    continue
+                if layer is None:
+                    self._fixed += tensors
+                else:
+                    self._tensors[layer.key] = tensors
+        self.in_use = bool(self._tensors or self._fixed)
+        with torch.no_grad():
+            for tensor in self._fixed:
+                tensor.write((), self.lora_scale)
+
+    def _tensor(self, owner, attribute, terms, base_terms, switching) -> _Tensor:
+        live = _storage(owner, attribute)
+        home = _backup_device(live, switching)
+        to = dict(device=home, dtype=live.dtype)
+        terms = {role: tuple(_moved(t, **to) for t in ts) for role, ts in terms.items()}
+        base_terms = tuple(_moved(t, **to) for t in base_terms)
+        with torch.no_grad():
+            backup = live.detach().to("cpu" if base_terms else home, copy=True)
+            if backup.device.type == "cpu" and live.device.type == "cuda":
+                backup = backup.pin_memory()
+        tensor = _Tensor(owner, attribute, backup, terms, base_terms, switching, home)
+        for device, size in tensor.sizes():
+            self._bytes[device] = self._bytes.get(device, 0) + size
+        return tensor
 
     def prepare(self) -> None:
         """Before a generation: move copies next to weights that moved to a GPU after attaching."""
-        for entry in self._entries.values():
-            device = _storage(entry.module, "weight").device
-            if entry.backup.device == device or device.type != "cuda" or entry.backup.device.type != "cpu":
-                continue
-            if entry.switching and _fits_on(device, entry.backup.numel() * entry.backup.element_size()):
-                entry.move_to(device)
+        for tensors in self._tensors.values():
+            for tensor in tensors:
+                device = _storage(tensor.owner, tensor.attribute).device
+                if tensor.base.device == device or device.type != "cuda" or tensor.base.device.type != "cpu":
+                    continue
+                if tensor.switching and _fits_on(device, tensor.base.numel() * tensor.base.element_size()):
+                    tensor.move_to(device)
 
     def show(self, changes) -> None:
-        entries, lora_scale = self._entries, self.lora_scale
+        entries, lora_scale = self._tensors, self.lora_scale
         with torch.no_grad():
             for layer, roles in changes:
-                entries[layer.key].write(roles, lora_scale)
+                for tensor in entries.get(layer.key, ()):
+                    tensor.write(roles, lora_scale)
+
+    def set_lora_scale(self, scale: float, state: dict) -> None:
+        """The pipeline's LoRA scale changed: every written parameter again, with its current LoRAs."""
+        self.lora_scale = scale
+        with torch.no_grad():
+            for tensor in self._fixed:
+                tensor.rebase(scale)
+                tensor.write((), scale)
+            for key, tensors in self._tensors.items():
+                for tensor in tensors:
+                    tensor.rebase(scale)
+                    tensor.write(state.get(key) or (), scale)
 
     def memory(self) -> dict:
         return dict(self._bytes)
 
     def remove(self) -> None:
         with torch.no_grad():
-            for entry in self._entries.values():
-                _storage(entry.module, "weight").copy_(entry.backup)
-                if entry.bias_backup is not None:
-                    _storage(entry.module, "bias").copy_(entry.bias_backup)
-        self._entries = {}
+            for tensor in [t for ts in self._tensors.values() for t in ts] + self._fixed:
+                _storage(tensor.owner, tensor.attribute).copy_(tensor.backup)
+        self._tensors, self._fixed = {}, []
 
 
-class _Entry:
-    """One layer under fused switching: its module, an exact copy of W0, the LoRA factors, and
-    views bound to wherever the weight lives now, so a switch is one ``addmm`` and no Python
-    bookkeeping per layer (rebound only when the weight moved: ``pipe.to``, CPU offload)."""
+def _changed_units(adapter, module_paths, lowrank: bool) -> set[str]:
+    """The layers an extra LoRA changes by writing weights: its full-weight parts, and its low-rank
+    layers where those are written (not PEFT adapters)."""
+    units = {_unit_of(path, module_paths) for path in adapter.full}
+    return units | (set(adapter.modules) if lowrank else set())
 
-    __slots__ = ("module", "backup", "bias_backup", "factors", "switching", "_ptr", "_out", "_base", "_live")
 
-    def __init__(self, module, backup, bias_backup, factors, switching):
-        self.module, self.backup, self.bias_backup = module, backup, bias_backup
-        self.factors, self.switching = factors, switching
+def _targets(path: str, modules: dict, parameters: dict) -> list[tuple[str, tuple]]:
+    """[(parameter name as LoRA parts name it, (owner module, attribute))] that a layer's switch writes."""
+    module = modules.get(path)
+    if module is None:  # a parameter of its own (Wan's modulation table)
+        owner, _, attribute = path.rpartition(".")
+        return [(path, (modules[owner], attribute))]
+    base = getattr(module, "base_layer", module)
+    return [(f"{path}.{name}", (base, name)) for name in ("weight", "bias")
+            if f"{path}.{name}" in parameters]
+
+
+def _terms(adapter, path: str, parameter: str, target, lowrank: bool) -> tuple:
+    """What ``adapter`` adds to one parameter: ("lowrank", A, B, scale) and ("dense", delta, scale) terms."""
+    terms = []
+    owner, attribute = target
+    if lowrank and path in adapter.scales:
+        scale = adapter.scales[path]
+        if attribute == "weight":
+            A = adapter.state_dict[f"{path}.lora_A.weight"].flatten(1)
+            B = adapter.state_dict[f"{path}.lora_B.weight"].flatten(1)
+            terms.append(("lowrank", A, B, scale))
+        elif attribute == "bias" and f"{path}.lora_B.bias" in adapter.state_dict:
+            terms.append(("dense", adapter.state_dict[f"{path}.lora_B.bias"], scale))
+    if parameter in adapter.full:
+        terms.append(("dense", adapter.full[parameter], adapter.strength))
+    return tuple(terms)
+
+
+def _moved(term, device, dtype):
+    kind, *tensors, scale = term
+    return (kind, *(t.to(device=device, dtype=dtype).contiguous() for t in tensors), scale)
+
+
+class _Tensor:
+    """One parameter K-LoRA writes: its owner, exact copies of ``W0`` and of ``W0 + extras`` (the base a switch
+    rewrites from), each LoRA's terms, and views bound to wherever the parameter lives now, so that the
+    common switch (one LoRA, low-rank only) is one ``addmm`` and no Python bookkeeping (rebound only when
+    the parameter moved: ``pipe.to``, CPU offload)."""
+
+    __slots__ = ("owner", "attribute", "backup", "base", "terms", "base_terms", "switching", "_ptr", "_out",
+                 "_base", "_live", "_single")
+
+    def __init__(self, owner, attribute, backup, terms, base_terms, switching, home):
+        self.owner, self.attribute, self.backup = owner, attribute, backup
+        self.terms, self.base_terms, self.switching = terms, base_terms, switching
+        self.base = backup
+        if base_terms:
+            self.base = torch.empty(backup.shape, dtype=backup.dtype, device=home)
+            self.rebase(1.0)
+        self._ptr = None
+
+    def sizes(self) -> list[tuple[str, int]]:
+        copies = [self.backup] + ([self.base] if self.base is not self.backup else [])
+        return [(str(t.device), t.numel() * t.element_size()) for t in copies]
+
+    def rebase(self, lora_scale: float) -> None:
+        """base <- W0 + the extra LoRAs at ``lora_scale``, summed in float32 and rounded once."""
+        if not self.base_terms:
+            return
+        total = self.backup.to(self.base.device, torch.float32, copy=True)
+        _add_terms(total.view(_matrix(total)), self.base_terms, lora_scale)
+        self.base.copy_(total)
         self._ptr = None
 
     def move_to(self, device) -> None:
-        self.backup = self.backup.to(device)
-        self.bias_backup = None if self.bias_backup is None else self.bias_backup.to(device)
-        self.factors = {role: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f)
-                        for role, f in self.factors.items()}
+        if self.base is self.backup:
+            self.backup = self.base = self.backup.to(device)
+        else:
+            self.base = self.base.to(device)
+        self.terms = {role: tuple(_moved(t, device, t[1].dtype) for t in ts) for role, ts in self.terms.items()}
         self._ptr = None
 
-    def _bind(self, weight) -> None:
-        device = weight.device
+    def _bind(self, live) -> None:
+        device = live.device
 
-        def here(t):
-            return t if t is None or t.device == device else t.to(device, non_blocking=True)
+        def here(term):
+            kind, *tensors, scale = term
+            return (kind, *(t if t.device == device else t.to(device, non_blocking=True) for t in tensors), scale)
 
-        self._out = weight.view(weight.shape[0], -1)
-        # W0 kept on the host (no room on the GPU) is sent over at each write, never kept here.
-        self._base = self.backup.view(self._out.shape) if self.backup.device == device else None
-        self._live = {role: (here(A), here(B), scale, here(bias)) for role, (A, B, scale, bias) in self.factors.items()}
-        self._ptr = (weight.data_ptr(), device)
+        self._out = live.view(_matrix(live))
+        # A base kept on the host (no room on the GPU) is sent over at each write, never kept here.
+        self._base = self.base.view(self._out.shape) if self.base.device == device else None
+        self._live = {role: tuple(here(t) for t in ts) for role, ts in self.terms.items()}
+        # The common switch: one LoRA whose only part here is its low-rank factors.
+        self._single = {role: ts[0][1:] for role, ts in self._live.items() if len(ts) == 1 and ts[0][0] == "lowrank"}
+        self._ptr = (live.data_ptr(), device)
 
     def write(self, roles, lora_scale: float) -> None:
-        """weight <- W0 + sum(scale * B @ A) over ``roles``, without reading the weight's old value."""
-        weight = self.module._parameters["weight"]
-        if weight.is_meta:  # sequential CPU offload: write the host copy the offload hook loads from
-            weight = _storage(self.module, "weight")
-        if self._ptr != (weight.data_ptr(), weight.device):
-            self._bind(weight)
+        """parameter <- base + the terms of ``roles``, without reading the parameter's old value."""
+        live = self.owner._parameters.get(self.attribute)
+        if live is None or live.is_meta:  # sequential CPU offload: write the host copy the offload hook loads from
+            live = _storage(self.owner, self.attribute)
+        if self._ptr != (live.data_ptr(), live.device):
+            self._bind(live)
         out = self._out
-        base = self._base if self._base is not None else self.backup.to(out.device, non_blocking=True).view(out.shape)
+        base = self._base if self._base is not None else self.base.to(out.device, non_blocking=True).view(out.shape)
         if len(roles) == 1:
             (role,) = roles
-            A, B, scale, _ = self._live[role]
-            torch.addmm(base, B, A, alpha=scale * lora_scale, out=out)  # one rounding, in the weight's dtype
-        elif not roles:
+            single = self._single.get(role)
+            if single is not None:
+                A, B, scale = single
+                torch.addmm(base, B, A, alpha=scale * lora_scale, out=out)  # one rounding, in the weight's dtype
+                return
+        terms = [t for role in sorted(roles) for t in self._live.get(role, ())]
+        if not terms:
             out.copy_(base)
-        else:  # both LoRAs (the "merge" method): sum in float32, round once
+        else:  # several parts (both LoRAs under "merge", full-weight parts): sum in float32, round once
             total = base.to(torch.float32, copy=True)  # never .float(): a no-op on float32, it would add into W0
-            for role in sorted(roles):
-                A, B, scale, _ = self._live[role]
-                total.addmm_(B.float(), A.float(), alpha=scale * lora_scale)
+            _add_terms(total, terms, lora_scale)
             out.copy_(total)
-        if self.bias_backup is not None:
-            bias = _storage(self.module, "bias")
-            new_bias = self.bias_backup.to(bias.device, torch.float32, copy=True)
-            for role in roles:
-                lora_bias = self._live[role][3]
-                if lora_bias is not None:
-                    new_bias.add_(lora_bias.float(), alpha=self._live[role][2] * lora_scale)
-            bias.copy_(new_bias)
+
+
+def _matrix(tensor) -> tuple[int, ...]:
+    """The 2-D view a parameter is written through (a bias or norm weight stays 1-D)."""
+    return (tensor.shape[0], -1) if tensor.dim() > 1 else tuple(tensor.shape)
+
+
+def _add_terms(total, terms, lora_scale: float) -> None:
+    for kind, *tensors, scale in terms:
+        if kind == "lowrank":
+            A, B = tensors
+            total.addmm_(B.float(), A.float(), alpha=scale * lora_scale)
+        else:
+            total.add_(tensors[0].float().view(total.shape), alpha=scale * lora_scale)
 
 
 def _storage(module, name: str):
@@ -748,27 +1037,55 @@ def _fits_on(device, nbytes: int) -> bool:
 
 
 def _why_not_fused(denoiser, adapters) -> str | None:
-    """Why weights of ``denoiser`` cannot be rewritten in place, or None when they can."""
+    """Why the weights ``adapters`` ({role: DenoiserAdapter}) change cannot be rewritten in place, or None."""
+    paths = sorted(set().union(*(a.modules for a in adapters.values())))
+    biased = {p for a in adapters.values() for p in a.modules if f"{p}.lora_B.bias" in a.state_dict}
+    return _why_not_rewritable(denoiser, paths, biased)
+
+
+def _why_not_rewritable(denoiser, paths, biased=()) -> str | None:
+    """Why the weights of layers ``paths`` (with LoRA biases on ``biased``) cannot be rewritten in place."""
     modules = dict(denoiser.named_modules())
-    for path in sorted(set(adapters["content"].modules) | set(adapters["style"].modules)):
+    for path in paths:
         module = modules[path]
         module = getattr(module, "base_layer", module)
         weight = getattr(module, "weight", None)
-        if weight is not None and weight.device.type == "meta":
-            try:
-                weight = _storage(module, "weight")
-            except KLoRAError:
-                return "weights on the meta device with no offloaded copy"
-        if weight is None:
-            return f"layer '{path}' has no weight"
-        if not weight.is_contiguous():
-            return f"layer '{path}' has weights that are not one contiguous block of memory"
-        if type(module) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d) \
-                or type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.is_floating_point() \
-                or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reason = _why_not_writable_tensor(module, "weight", f"layer '{path}'")
+        if reason is not None:
+            return reason
+        if type(module) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
             return f"layer '{path}' is {type(module).__name__} with {weight.dtype} weights, e.g. a quantized model"
-        if any(f"{path}.lora_B.bias" in a.state_dict for a in adapters.values()) and module.bias is None:
+        if path in biased and module.bias is None:
             return f"a LoRA has a bias for layer '{path}', which has none"
+    return None
+
+
+def _why_not_writable(denoiser, full: dict) -> str | None:
+    """Why the parameters full-weight parts change cannot be written in place, or None when they can."""
+    modules = {name.replace(".base_layer", ""): m for name, m in denoiser.named_modules()}
+    for path in sorted(full):
+        owner, _, attribute = path.rpartition(".")
+        module = modules[owner]
+        reason = _why_not_writable_tensor(getattr(module, "base_layer", module), attribute, f"parameter '{path}'")
+        if reason is not None:
+            return reason
+    return None
+
+
+def _why_not_writable_tensor(module, attribute: str, what: str) -> str | None:
+    tensor = getattr(module, attribute, None)
+    if tensor is not None and tensor.device.type == "meta":
+        try:
+            tensor = _storage(module, attribute)
+        except KLoRAError:
+            return "weights on the meta device with no offloaded copy"
+    if tensor is None:
+        return f"{what} does not exist"
+    if not tensor.is_contiguous():
+        return f"{what} is not one contiguous block of memory"
+    if type(tensor) not in (torch.nn.Parameter, torch.Tensor) or not tensor.is_floating_point() \
+            or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"{what} holds {type(tensor).__name__} {tensor.dtype} values, e.g. a quantized model"
     return None
 
 
@@ -801,7 +1118,9 @@ def split_target(target):
 def _copy_adapter(adapter: loras.DenoiserAdapter) -> loras.DenoiserAdapter:
     return loras.DenoiserAdapter(state_dict=dict(adapter.state_dict), config=json.loads(json.dumps(adapter.config)),
                                  text_encoder_state_dicts=adapter.text_encoder_state_dicts,
-                                 text_encoder_alphas=adapter.text_encoder_alphas, scales=dict(adapter.scales))
+                                 text_encoder_alphas=adapter.text_encoder_alphas, scales=dict(adapter.scales),
+                                 full_parts=dict(adapter.full_parts), full=dict(adapter.full),
+                                 strength=adapter.strength)
 
 
 def _as_lora_file(source, weight_name, role) -> loras.LoRAFile:

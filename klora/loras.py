@@ -49,11 +49,35 @@ class DenoiserAdapter:
     config: dict  # LoraConfig keyword arguments
     text_encoder_state_dicts: dict[str, dict[str, torch.Tensor]]  # "text_encoder" -> PEFT-named dict
     text_encoder_alphas: dict | None = None
-    scales: dict[str, float] = field(default_factory=dict)  # module -> alpha / rank (what PEFT applies)
+    scales: dict[str, float] = field(default_factory=dict)  # module -> strength * alpha / rank (what PEFT applies)
+    # Full-weight parts (klora.formats.split_full_parts): parameter path -> delta, as converted (``full_parts``),
+    # then as checked against the denoiser by ``check_fits`` (``full``: only parameters it has, shapes equal).
+    full_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+    strength: float = 1.0  # multiplies every delta of this LoRA: its factors' scales and its full-weight parts
 
     @property
     def modules(self) -> list[str]:
         return self.config["target_modules"]
+
+
+def scaled(adapter: DenoiserAdapter, strength: float) -> DenoiserAdapter:
+    """A copy of ``adapter`` whose every delta is ``strength`` times as large (the LoRA's strength).
+
+    The alphas in its PEFT config are multiplied too, so an adapter loaded from it applies exactly
+    ``scales``; the tensors are shared, not copied.
+    """
+    if strength == 1.0:
+        return adapter
+    config = json.loads(json.dumps(adapter.config))
+    config["lora_alpha"] = config["lora_alpha"] * strength
+    config["alpha_pattern"] = {pattern: value * strength for pattern, value in config["alpha_pattern"].items()}
+    return DenoiserAdapter(state_dict=dict(adapter.state_dict), config=config,
+                           text_encoder_state_dicts=adapter.text_encoder_state_dicts,
+                           text_encoder_alphas=adapter.text_encoder_alphas,
+                           scales={m: v * strength for m, v in adapter.scales.items()},
+                           full_parts=dict(adapter.full_parts), full=dict(adapter.full),
+                           strength=adapter.strength * strength)
 
 
 def resolve(name_or_path: str | os.PathLike, weight_name: str | None = None, role: str = "LoRA") -> Path:
@@ -239,7 +263,9 @@ def _to_denoiser_adapter(lora: LoRAFile, denoiser, family) -> DenoiserAdapter:
     if prefix == "transformer" and any(_UNET_BLOCK.search(k) for k in tensors):
         raise LoRAError(f"{lora.label}: a Stable Diffusion UNet LoRA (layers like 'down_blocks'); "
                         f"{_other_family_hint(lora, family)}")
-    # Files diffusers' converters choke on or read lossily (musubi Wan, HunyuanVideo with alphas, .diff keys).
+    # Deltas of whole parameters (.diff, .diff_b, norms): K-LoRA applies them itself, as ComfyUI does.
+    tensors, parts = formats.split_full_parts(tensors, family.loader or "")
+    # Files diffusers' converters choke on or read lossily (musubi Wan, HunyuanVideo with alphas).
     tensors, notes = formats.prepare(tensors, family.loader or "", lora.label)
     for line in notes:
         warnings.warn(line, stacklevel=3)
@@ -291,7 +317,45 @@ def _to_denoiser_adapter(lora: LoRAFile, denoiser, family) -> DenoiserAdapter:
             text_encoders[te] = part
     te_alphas = {k: v for k, v in (network_alphas or {}).items() if k.startswith("text_encoder")}
     return DenoiserAdapter(state_dict=ours, config=config, scales=scales, text_encoder_state_dicts=text_encoders,
-                           text_encoder_alphas=te_alphas or None)
+                           text_encoder_alphas=te_alphas or None, full_parts=_full_parameters(parts, denoiser, family))
+
+
+def _full_parameters(parts: formats.FullParts, denoiser, family) -> dict[str, torch.Tensor]:
+    """{parameter path in the denoiser's names: delta} for a file's full-weight parts.
+
+    Original Wan and HunyuanVideo names go through diffusers' own checkpoint converters (a delta is
+    renamed, cut and swapped exactly like the weight it changes); other parts are named as the file names
+    them, minus a component prefix. ``check_fits`` then checks each against the denoiser.
+    """
+    found = {}
+    if parts.original:
+        found.update(_renamed_original(dict(parts.original), denoiser, family))
+    for (name, kind), tensor in parts.named.items():
+        for prefix in (f"{family.prefix}.", "model.diffusion_model.", "diffusion_model."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        found[f"{name}.{kind}"] = tensor
+    return found
+
+
+def _renamed_original(original: dict[str, torch.Tensor], denoiser, family) -> dict[str, torch.Tensor]:
+    from diffusers.loaders import single_file_utils
+
+    if family.loader in formats.HUNYUAN_VIDEO_LOADERS:
+        # diffusers' converter cuts a single block's linear1 for a 3072-wide model; cut it for this one.
+        config = denoiser.config
+        inner = int(config.num_attention_heads) * int(config.attention_head_dim)
+        split = {}
+        for name in [n for n in original if re.fullmatch(r"single_blocks\.\d+\.linear1\.(weight|bias)", n)]:
+            tensor = original.pop(name)
+            block, kind = re.fullmatch(r"single_blocks\.(\d+)\.linear1\.(weight|bias)", name).groups()
+            pieces = tensor.split([inner, inner, inner, tensor.shape[0] - 3 * inner])
+            for target, piece in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), pieces):
+                split[f"single_transformer_blocks.{block}.{target}.{kind}"] = piece
+        converted = single_file_utils.convert_hunyuan_video_transformer_to_diffusers(original) if original else {}
+        return {**converted, **split}
+    return single_file_utils.convert_wan_transformer_to_diffusers(original)
 
 
 def _complete_bias_only_layers(state_dict: dict, denoiser) -> None:
@@ -481,7 +545,48 @@ def check_fits(adapter: DenoiserAdapter, denoiser, label: str, family=None, lora
         if A.shape[1] != fan_in or B.shape[0] != fan_out:
             raise LoRAError(f"{label}: layer '{module}' is {fan_in}->{fan_out} in this {kind} "
                             f"but {A.shape[1]}->{B.shape[0]} in the LoRA; {hint}")
+    warnings_out += _check_full_parts(adapter, denoiser, label, kind, hint, optional)
     return warnings_out
+
+
+def _check_full_parts(adapter: DenoiserAdapter, denoiser, label: str, kind: str, hint: str, optional) -> list[str]:
+    """Fill ``adapter.full`` with the full-weight parts that name a parameter of ``denoiser`` (a part named
+    after a layer's weight may change a parameter of that name: Wan's modulation tables are parameters)."""
+    parameters = denoiser_parameters(denoiser)
+    adapter.full, unknown, skipped = {}, [], []
+    for path, delta in adapter.full_parts.items():
+        target = path if path in parameters else path.removesuffix(".weight")
+        if target not in parameters:
+            module = path.rsplit(".", 1)[0]
+            (skipped if optional is not None and re.search(optional[0], module) else unknown).append(path)
+            continue
+        shape = tuple(parameters[target].shape)
+        if tuple(delta.shape) != shape:
+            raise LoRAError(f"{label}: its full-weight delta for '{target}' is {_dims(delta.shape)} but that parameter "
+                            f"is {_dims(shape)} in this {kind}; {hint}")
+        adapter.full[target] = delta
+    notes = []
+    if skipped:
+        notes.append(f"{label}: skipped {len(skipped)} full-weight deltas of layers this {kind} does not have "
+                     f"({formats._summary(skipped)}): {optional[1]}")
+    if unknown:
+        notes.append(f"{label}: {len(unknown)} full-weight delta(s) (.diff, .diff_b, norms) name no parameter of this "
+                     f"{kind} and are not applied: {formats._summary(unknown)}")
+    return notes
+
+
+def denoiser_parameters(denoiser) -> dict[str, torch.Tensor]:
+    """{parameter path: tensor} of a denoiser as its own names give them, PEFT's wrappers seen through."""
+    found = {}
+    for name, parameter in denoiser.named_parameters():
+        if ".lora_" in name:  # PEFT's adapter factors, not the model's
+            continue
+        found[name.replace(".base_layer.", ".")] = parameter
+    return found
+
+
+def _dims(shape) -> str:
+    return "x".join(str(s) for s in shape) or "a scalar"
 
 
 def _drop_modules(adapter: DenoiserAdapter, modules: list[str]) -> None:

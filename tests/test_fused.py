@@ -100,14 +100,15 @@ def _without_switching(log: dict) -> dict:
 
 class WriteRecorder:
     """Counts fused writes, per denoising step, from outside K-LoRA's bookkeeping:
-    ``fusion._Entry.write`` calls (one per layer rewritten) and the layers handed to the switch.
+    ``fusion._Tensor.write`` calls (one per parameter rewritten: here a layer's weight) and the layers
+    handed to the weight writer.
     ``callback`` (pass as callback_on_step_end) moves the step counter after each step."""
 
     def __init__(self, klora, monkeypatch):
         self.step = 0
         self.keys: list[tuple[int, str]] = []  # (step, layer key) per layer the switch is asked to show
-        self.writes: list[int] = []  # the step of every fusion._Entry.write call
-        show, write = klora._switch.show, fusion._Entry.write
+        self.writes: list[int] = []  # the step of every fusion._Tensor.write call
+        show, write = klora._weights.show, fusion._Tensor.write
 
         def recording_show(changes):
             changes = list(changes)
@@ -118,8 +119,8 @@ class WriteRecorder:
             self.writes.append(self.step)
             return write(*args, **kwargs)
 
-        monkeypatch.setattr(klora._switch, "show", recording_show)
-        monkeypatch.setattr(fusion._Entry, "write", counting_write)
+        monkeypatch.setattr(klora._weights, "show", recording_show)
+        monkeypatch.setattr(fusion._Tensor, "write", counting_write)
 
     def callback(self, pipe, step, timestep, callback_kwargs):
         self.step = step + 1

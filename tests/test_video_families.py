@@ -609,29 +609,6 @@ def test_wan_bias_only_layer_that_both_adapt_keeps_its_bias(video_dir, tmp_path)
         klora.detach()
 
 
-def test_wan_diff_keys_are_named_in_a_warning(video_dir, tmp_path):
-    pipe = load(video_dir, "wan21")
-    tr = pipe.transformer
-    content = random_layers(tr, [p for p in linear_paths(tr) if re.search(WAN_ATTENTION, p)], rank=4, seed=1,
-                            scale=0.1)
-    extra = {"blocks.0.self_attn.k.diff": torch.randn(24, 24), "blocks.1.self_attn.k.diff": torch.randn(24, 24),
-             "blocks.1.ffn.2.diff": torch.randn(24, 32)}
-    write_wan_original(tmp_path / "c.safetensors", content, style="lora_down", extra=extra)
-    style = random_layers(tr, list(content)[4:], rank=4, seed=2, scale=0.1)
-    write_wan_peft(tmp_path / "s.safetensors", style)
-    before = base_weights(tr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        klora = KLoRA(pipe, tmp_path / "c.safetensors", tmp_path / "s.safetensors")
-    named = [str(w.message) for w in caught if ".diff" in str(w.message)]
-    assert len(named) == 1
-    assert "content LoRA" in named[0] and "3 weight change(s)" in named[0]
-    assert "blocks.*.self_attn.k.diff (2)" in named[0] and "blocks.*.ffn.2.diff" in named[0]
-    klora.set_method("content")
-    assert_applies(tr, before, content, "fused", "content")  # the low-rank layers still apply
-    klora.detach()
-
-
 def _i2v_file(tmp_path):
     """A Wan 2.1 I2V LoRA (k_img/v_img included), original lora_down names; its T2V layers' ground truth."""
     from diffusers import WanTransformer3DModel
