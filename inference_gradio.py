@@ -78,8 +78,9 @@ def main(argv=None) -> None:
         raise cli.KLoRAError(f"--max_frames {args.max_frames}: must be at least 1")
     if args.demo and (args.pretrained_model_name_or_path or args.lora_name_or_path_content
                       or args.lora_name_or_path_style or args.lora_name_or_path_content_2
-                      or args.lora_name_or_path_style_2):
+                      or args.lora_name_or_path_style_2 or args.extra_lora or args.extra_lora_2):
         raise cli.KLoRAError("--demo brings its own model and LoRAs; drop the model and LoRA arguments")
+    cli.check_stack_arguments(args)
     if args.demo_family and not args.demo:
         raise cli.KLoRAError("--demo_family picks the tiny model of --demo; add --demo")
     if not args.demo:
@@ -103,6 +104,8 @@ def main(argv=None) -> None:
                         content_2=args.lora_name_or_path_content_2, style_2=args.lora_name_or_path_style_2,
                         content_weight_name=args.content_weight_name, style_weight_name=args.style_weight_name,
                         content_2_weight_name=args.content_2_weight_name, style_2_weight_name=args.style_2_weight_name,
+                        extra_loras=args.extra_loras[""], extra_loras_2=args.extra_loras["_2"] or None,
+                        content_scale=args.content_scale, style_scale=args.style_scale,
                         text_encoder_lora=args.text_encoder_lora, switching=args.switching, progress=args.progress,
                         call_kwargs=call_kwargs, limits=limits, defaults=defaults,
                         model_label=f"tiny demo {args.demo_family}" if args.demo

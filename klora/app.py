@@ -13,9 +13,10 @@ true CFG where it has ``true_cfg_scale``, frames and frame rate for video
 families), and their initial values are the pipeline's own defaults.
 
 Changing pattern, alpha, beta or method calls ``KLoRA.set_schedule`` /
-``set_method`` on the attached LoRAs: nothing is reloaded. Switching LoRAs
-reads and checks the new files first, then detaches the old K-LoRA and
-attaches a new one; a rejected file leaves the previous LoRAs in place.
+``set_method`` on the attached LoRAs: nothing is reloaded. Switching LoRAs, the
+extra (always-on) LoRAs or the strengths reads and checks the new files first,
+then detaches the old K-LoRA and attaches a new one; a rejected file leaves the
+previous LoRAs in place.
 """
 
 import inspect
@@ -173,14 +174,16 @@ class Studio:
 
     ``content_2`` / ``style_2``: separate LoRAs for the second expert of a two-denoiser
     pipeline (Wan 2.2 HIGH/LOW pairs); switching a role's LoRA on the page replaces
-    both of its files. ``switching`` / ``progress``: as ``KLoRA``. ``call_kwargs``:
+    both of its files. ``extra_loras`` / ``extra_loras_2`` / ``content_scale`` /
+    ``style_scale``, ``switching`` / ``progress``: as ``KLoRA``. ``call_kwargs``:
     fixed arguments added to every pipeline call (``max_sequence_length``, ...).
     """
 
     KEPT_OUTPUTS = 8  # generations whose MP4 and JSON files stay on disk (gradio copies them to its cache)
 
     def __init__(self, pipe, content, style, *, content_2=None, style_2=None, content_weight_name=None,
-                 style_weight_name=None, content_2_weight_name=None, style_2_weight_name=None,
+                 style_weight_name=None, content_2_weight_name=None, style_2_weight_name=None, extra_loras=(),
+                 extra_loras_2=None, content_scale=1.0, style_scale=1.0,
                  text_encoder_lora=False, switching="fused", progress="steps",
                  call_kwargs: dict | None = None, limits: Limits | None = None, defaults: Defaults | None = None,
                  model_label: str = ""):
@@ -207,6 +210,9 @@ class Studio:
                                           ("style_2", style_2, style_2_weight_name)):
             if source is not None:
                 self.files[role] = _lora_file(source, weight_name, f"{role[:-2]} LoRA (second expert)")
+        self.stack = {"extra_loras": self._extra_files(extra_loras, ""),
+                      "extra_loras_2": self._extra_files(extra_loras_2, " (second expert)") or None,
+                      "content_scale": content_scale, "style_scale": style_scale}
         self.warnings: list[str] = []
         self._outputs = Path(tempfile.mkdtemp(prefix="klora-page-"))
         self._generation = 0
@@ -224,13 +230,23 @@ class Studio:
 
     # --- LoRAs ---------------------------------------------------------------
 
-    def _attach(self, files: dict) -> KLoRA:
+    @staticmethod
+    def _extra_files(entries, where: str) -> list[tuple[loras.LoRAFile, float]]:
+        """[(LoRAFile, scale)] of ``[source, (source, scale), ...]``, read and checked now."""
+        out = []
+        for i, entry in enumerate(entries or (), start=1):
+            source, scale = entry if isinstance(entry, tuple) else (entry, 1.0)
+            out.append((_lora_file(source, None, f"extra LoRA {i}{where}"), scale))
+        return out
+
+    def _attach(self, files: dict, stack: dict | None = None) -> KLoRA:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # One logged generation is all the page shows; keep no history.
             klora = KLoRA(self.pipe, files["content"], files["style"], content_2=files.get("content_2"),
                           style_2=files.get("style_2"), text_encoder_lora=self.text_encoder_lora,
-                          switching=self.switching, progress=self.progress, max_logged_generations=1)
+                          switching=self.switching, progress=self.progress, max_logged_generations=1,
+                          **(stack or self.stack))
         self.warnings = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         return klora
 
@@ -266,9 +282,35 @@ class Studio:
             self.files = new
             return self.klora
 
+    def set_stack(self, extra_loras=None, *, content_scale=None, style_scale=None) -> KLoRA:
+        """Replace the extra (always-on) LoRAs (``[source or LoRAFile, (source, scale), ...]``; None keeps them,
+        ``[]`` removes them, in every expert) and/or the strengths. The new files are read and checked before
+        the current K-LoRA is touched; if attaching fails, the previous stack comes back."""
+        with self._lock:
+            stack = dict(self.stack)
+            if extra_loras is not None:
+                stack["extra_loras"], stack["extra_loras_2"] = self._extra_files(extra_loras, ""), None
+            for name, value in (("content_scale", content_scale), ("style_scale", style_scale)):
+                if value is not None:
+                    if not _number(value) or value == 0:
+                        raise KLoRAError(f"{name.replace('_', ' ')} must be a number other than 0, got {value}")
+                    stack[name] = float(value)
+            self.klora.detach()
+            try:
+                self.klora = self._attach(self.files, stack)
+            except BaseException:
+                self.klora = self._attach(self.files)
+                raise
+            self.stack = stack
+            return self.klora
+
     def describe_loras(self) -> str:
         k = self.klora
-        labels = "  \n".join(f.label for f in self.files.values())
+        labels = "  \n".join([f.label for f in self.files.values()]
+                              + [f"{f.label} at scale {scale:g}" for f, scale in
+                                 self.stack["extra_loras"] + (self.stack["extra_loras_2"] or [])])
+        if (self.stack["content_scale"], self.stack["style_scale"]) != (1.0, 1.0):
+            labels += f"  \nstrengths: content {self.stack['content_scale']:g}, style {self.stack['style_scale']:g}"
         return (f"{labels}  \nK-LoRA chooses per step in {len(k.paths)} layers ({len(k.only)} more use one "
                 f"LoRA only); gamma {gamma_text(k.gamma)}; {k.switching} switching, progress by {self.progress}")
 
@@ -536,6 +578,28 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
             gr.Warning(message)
         return studio.describe_loras()
 
+    def set_stack(extra_paths, extra_uploads, upload_scales, content_scale, style_scale):
+        try:
+            extras = [parse_extra_line(line) for line in (extra_paths or "").splitlines() if line.strip()]
+            if extras and not typed_lora_paths:
+                raise KLoRAError("this server accepts uploaded .safetensors files only")
+            try:
+                scales = [float(x) for x in (upload_scales or "").replace(",", " ").split()]
+            except ValueError:
+                raise KLoRAError(f"scales of the uploaded extra LoRAs: numbers, e.g. 0.8, 1.0 (got "
+                                 f"{upload_scales!r})") from None
+            uploads = list(extra_uploads or [])
+            if len(scales) > len(uploads):
+                raise KLoRAError(f"{len(scales)} scales for {len(uploads)} uploaded extra LoRAs")
+            for i, upload in enumerate(uploads):
+                extras.append((read_upload(upload, "extra LoRA"), scales[i] if i < len(scales) else 1.0))
+            studio.set_stack(extras, content_scale=content_scale, style_scale=style_scale)
+        except KLoRAError as exc:
+            raise visible_error(exc) from None
+        for message in studio.warnings:
+            gr.Warning(message)
+        return studio.describe_loras()
+
     def read_upload_visible(upload, role):
         try:
             return read_upload(upload, f"{role} LoRA")
@@ -617,6 +681,25 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                     style_upload = gr.File(label="or upload the style LoRA", file_types=[".safetensors"],
                                            type="filepath", elem_id="style-upload")
                     load = gr.Button("Load LoRAs", elem_id="load-loras")
+                with gr.Accordion("Extra LoRAs and strengths", open=False, elem_id="stack"):
+                    gr.Markdown("Extra LoRAs (a speed or detail LoRA) are on at every step, at their scale, and "
+                                "take no part in K-LoRA's choice. A strength multiplies what its LoRA applies; "
+                                "the choice does not change with it. Applying replaces the extra LoRAs (empty: "
+                                "none).")
+                    extra_paths = gr.Textbox(label="Extra LoRAs: one per line, path or hub id, then a scale "
+                                             "(default 1.0), e.g. lightx2v.safetensors 0.8", lines=2,
+                                             visible=typed_lora_paths, elem_id="extra-paths")
+                    with gr.Row():
+                        extra_uploads = gr.File(label="or upload extra LoRAs", file_types=[".safetensors"],
+                                                file_count="multiple", type="filepath", elem_id="extra-uploads")
+                        upload_scales = gr.Textbox(label="their scales, in order (default 1.0)",
+                                                   elem_id="extra-upload-scales")
+                    with gr.Row():
+                        content_scale = gr.Number(studio.stack["content_scale"], label="Content strength",
+                                                  elem_id="content-scale")
+                        style_scale = gr.Number(studio.stack["style_scale"], label="Style strength",
+                                                elem_id="style-scale")
+                    apply_stack = gr.Button("Apply", elem_id="apply-stack")
             with gr.Column(scale=1):
                 image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=512,
                                  visible=not is_video, elem_id="image")
@@ -641,8 +724,22 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
         load.click(switch, [content_path, content_upload, content_weight, style_path, style_upload, style_weight],
                    lora_info, api_name="switch_loras",
                    concurrency_id="model", concurrency_limit=1)
+        apply_stack.click(set_stack, [extra_paths, extra_uploads, upload_scales, content_scale, style_scale],
+                          lora_info, api_name="set_stack", concurrency_id="model", concurrency_limit=1)
     demo.queue(default_concurrency_limit=1, max_size=lim.max_queue)
     return demo
+
+
+def parse_extra_line(line: str) -> tuple[str, float]:
+    """"path [scale]" (the page's extra LoRA field) -> (path, scale); a path may contain spaces."""
+    text = line.strip()
+    head, _, last = text.rpartition(" ")
+    if head:
+        try:
+            return head.strip(), float(last)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def serve(demo, limits: Limits | None = None, *, server_name: str = "127.0.0.1", server_port: int | None = None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 import tempfile
@@ -68,6 +69,22 @@ def add_lora_arguments(parser, second_expert: bool = False) -> None:
         group.add_argument("--style_2_weight_name", help="file inside the style_2 folder or hub repo")
     group.add_argument("--text_encoder_lora", action="store_true",
                        help="also apply text-encoder weights found in the LoRA files (both, always on)")
+    group.add_argument("--content_scale", type=float, default=1.0,
+                       help="strength of the content LoRA: multiplies its delta (default 1.0; the choice does not "
+                            "change with it)")
+    group.add_argument("--style_scale", type=float, default=1.0, help="strength of the style LoRA (default 1.0)")
+    stack = parser.add_argument_group("extra LoRAs (always on at their scale, outside K-LoRA's choice)")
+    stack.add_argument("--extra_lora", action="append", default=[], metavar="PATH",
+                       help="a LoRA applied at every step, e.g. a speed (Lightning, lightx2v) or detail LoRA: "
+                            ".safetensors file, folder or hub id (repeatable)")
+    stack.add_argument("--extra_lora_scale", action="append", type=float, default=[], metavar="S",
+                       help="scale of each --extra_lora, matched by position (repeatable; default 1.0)")
+    if second_expert:
+        stack.add_argument("--extra_lora_2", action="append", default=[], metavar="PATH",
+                           help="extra LoRAs for the second (low-noise) expert instead of --extra_lora there: the LOW "
+                                "file of a HIGH/LOW pair such as lightx2v's (repeatable)")
+        stack.add_argument("--extra_lora_2_scale", action="append", type=float, default=[], metavar="S",
+                           help="scale of each --extra_lora_2, matched by position (default 1.0)")
 
 
 def add_klora_arguments(parser) -> None:
@@ -208,12 +225,37 @@ def check_arguments(args) -> None:
     if len(set(args.seeds)) != len(args.seeds):
         raise KLoRAError("--seeds: each seed once, please")
     args.call_arguments = parse_call_arguments(getattr(args, "call_arg", None) or [])
+    check_stack_arguments(args)
     if not args.demo:
         for flag in ("pretrained_model_name_or_path", "lora_name_or_path_content", "lora_name_or_path_style"):
             if not getattr(args, flag, None):
                 raise KLoRAError(f"--{flag} is required (or run --demo to try the tiny built-in model)")
         if not args.prompt:
             raise KLoRAError("--prompt is required (include both LoRAs' trigger words)")
+
+
+def check_stack_arguments(args) -> None:
+    """--content_scale / --style_scale and the extra LoRAs' scales; sets ``args.extra_loras``
+    ({"": [(path, scale)], "_2": [...]})."""
+    for name in ("content_scale", "style_scale"):
+        value = getattr(args, name, 1.0)
+        if not (math.isfinite(value) and value != 0):
+            raise KLoRAError(f"--{name} {value}: must be a finite number other than 0 (0 would apply nothing; "
+                             f"--method {'style' if name == 'content_scale' else 'content'} leaves it out)")
+    args.extra_loras = {suffix: extra_loras(args, suffix) for suffix in ("", "_2")}
+
+
+def extra_loras(args, suffix: str = "") -> list[tuple[str, float]]:
+    """[(path, scale)] of --extra_lora{suffix}, each scale matched by position (default 1.0)."""
+    paths = getattr(args, f"extra_lora{suffix}", None) or []
+    scales = getattr(args, f"extra_lora{suffix}_scale", None) or []
+    if len(scales) > len(paths):
+        raise KLoRAError(f"--extra_lora{suffix}_scale given {len(scales)} times for {len(paths)} "
+                         f"--extra_lora{suffix}: one scale per extra LoRA, in the same order")
+    for scale in scales:
+        if not (math.isfinite(scale) and scale != 0):
+            raise KLoRAError(f"--extra_lora{suffix}_scale {scale}: must be a finite number other than 0")
+    return [(path, scales[i] if i < len(scales) else 1.0) for i, path in enumerate(paths)]
 
 
 def parse_call_arguments(items: list[str]) -> dict:
@@ -431,7 +473,7 @@ def _point_at_demo(args, model, content, style, prompt, output_folder) -> None:
 def refuse_model_flags_with_demo(args, flags=("pretrained_model_name_or_path", "lora_name_or_path_content",
                                               "lora_name_or_path_style", "lora_name_or_path_content_2",
                                               "lora_name_or_path_style_2")) -> None:
-    given = [flag for flag in flags if getattr(args, flag, None) is not None]
+    given = [flag for flag in (*flags, "extra_lora", "extra_lora_2") if getattr(args, flag, None) not in (None, [])]
     if given:
         raise KLoRAError(f"--demo brings its own model and LoRAs; drop --{given[0]}")
 
@@ -538,6 +580,10 @@ def fuse_and_generate(args, expect: str) -> None:
         if source:
             label = f"{role.removesuffix('_2')} LoRA" + (" (second expert)" if role.endswith("_2") else "")
             files[role] = loras.load_file(source, getattr(args, f"{role}_weight_name", None), label)
+    extras = getattr(args, "extra_loras", {"": [], "_2": []})
+    for suffix, where in (("", ""), ("_2", " (second expert)")):
+        for i, (source, _) in enumerate(extras[suffix], start=1):
+            files[f"extra{i}{suffix}"] = loras.load_file(source, None, f"extra LoRA {i}{where}")
 
     # ... and check them against the model's layers, built from its configs on the meta device, before
     # its weights load: a LoRA that does not fit is refused in one line (KLoRA warns again at attach).
@@ -551,9 +597,10 @@ def fuse_and_generate(args, expect: str) -> None:
     if kind == "video":
         video.check_num_frames(family.name, call.get("num_frames"), video.max_frames(pipe))
         outputs.fps = args.fps or video.default_fps(pipe, family.name)
-    second = [r for r in ("content_2", "style_2") if r in files]
+    second = [f"lora_name_or_path_{r}" for r in ("content_2", "style_2") if r in files]
+    second += ["extra_lora_2"] if extras["_2"] else []
     if second and len(denoisers_of(pipe, family)) < 2:
-        raise KLoRAError(f"--lora_name_or_path_{second[0]}: {type(pipe).__name__} ({family.name}) has one denoiser; "
+        raise KLoRAError(f"--{second[0]}: {type(pipe).__name__} ({family.name}) has one denoiser; "
                          "the _2 LoRAs are for the second (low-noise) expert of two-expert models such as "
                          "Wan 2.2 A14B")
     compile_option = False
@@ -561,8 +608,12 @@ def fuse_and_generate(args, expect: str) -> None:
         compile_option = True if args.compile == "inductor" else {"backend": args.compile}
     # K-LoRA first, offload second: its statistics need the real weights, and the
     # offload hooks then move the weights (or adapters) with the layers they belong to.
+    stack = {suffix: [(files[f"extra{i}{suffix}"], scale) for i, (_, scale) in enumerate(extras[suffix], start=1)]
+             for suffix in ("", "_2")}
     klora = KLoRA(pipe, files["content"], files["style"], content_2=files.get("content_2"),
-                  style_2=files.get("style_2"), pattern=args.pattern, alpha=args.alpha, beta=args.beta,
+                  style_2=files.get("style_2"), extra_loras=stack[""], extra_loras_2=stack["_2"] or None,
+                  content_scale=args.content_scale, style_scale=args.style_scale,
+                  pattern=args.pattern, alpha=args.alpha, beta=args.beta,
                   method=args.method, progress=getattr(args, "progress", "steps"),
                   switching=getattr(args, "switching", "fused"), compile=compile_option,
                   text_encoder_lora=args.text_encoder_lora)
@@ -581,10 +632,15 @@ def klora_summary(klora) -> str:
     gamma = ", ".join(f"{c} {g:.4g}" for c, g in gamma.items()) if isinstance(gamma, dict) else f"{gamma:.4g}"
     copies = ", ".join(f"{_megabytes(size)} on {device}" for device, size in klora.memory().items()) or "none"
     model = type(klora.pipeline).__name__ if klora.pipeline is not None else type(klora.denoiser).__name__
+    strengths = "" if klora.strengths == {"content": 1.0, "style": 1.0} else \
+        f", content scale {klora.strengths['content']:g}, style scale {klora.strengths['style']:g}"
+    extras = f", {len(klora.extra_scales)} extra LoRA(s) always on" if klora.extra_scales else ""
+    full = sum(1 for layer in klora.layers if layer.full)
+    full = f", full-weight deltas on {full} layers" if full else ""
     return (f"K-LoRA on {klora.family.name} ({model}), {klora.switching} switching (weight copies: {copies}): "
-            f"{len(klora.paths)} layers chosen per step, {len(klora.only)} with one LoRA only, gamma {gamma}, "
+            f"{len(klora.paths)} layers chosen per step, {len(klora.only)} with one LoRA only{full}, gamma {gamma}, "
             f"pattern {klora.pattern} (alpha {klora.alpha:g}, beta {klora.beta:g}), method {klora.method}, "
-            f"progress {klora.progress_mode}")
+            f"progress {klora.progress_mode}{strengths}{extras}")
 
 
 def _megabytes(size: int) -> str:

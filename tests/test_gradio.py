@@ -367,6 +367,51 @@ def test_uploads_only_refuses_typed_paths(app, demo_sdxl_loras):
     assert studio.klora is klora_before
 
 
+# --- extra LoRAs and strengths ---------------------------------------------------------
+
+def set_stack(client, extra_paths="", uploads=None, upload_scales="", content_scale=1.0, style_scale=1.0):
+    from gradio_client import handle_file
+
+    return client.predict(extra_paths, [handle_file(u) for u in uploads] if uploads else None, upload_scales,
+                          content_scale, style_scale, api_name="/set_stack")
+
+
+def test_extra_loras_and_strengths_on_the_page_match_the_library(app, demo_sdxl_loras, tiny_sdxl_dir):
+    from gradio_client.exceptions import AppError
+
+    from klora.fusion import KLoRA
+    from klora.pipelines import load_pipeline
+
+    _, studio, client = app
+    content, style = demo_sdxl_loras
+    pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
+    klora = KLoRA(pipe, content, style, extra_loras=[(style, 0.5), (content, -0.25)], content_scale=0.8)
+    want = pipe(prompt=PROMPT, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    want_log = klora.selection_log()
+    klora.detach()
+    try:
+        info = set_stack(client, f"{style} 0.5", uploads=[content], upload_scales="-0.25", content_scale=0.8)
+        assert f"extra LoRA 1 '{style}' at scale 0.5" in info
+        assert "extra LoRA (uploaded 'demo_content_lora.safetensors') at scale -0.25" in info
+        assert "strengths: content 0.8, style 1" in info
+        reply = call(client)
+        assert np.array_equal(pixels(reply.image), pixels(want))
+        log = read_json(reply.selection_log)
+        assert log["generations"] == want_log["generations"] and log["layers"] == want_log["layers"]
+        for fields, message in ((dict(extra_paths=f"{style} 0"), "finite number other than 0"),
+                                (dict(uploads=[content], upload_scales="x"), "numbers, e.g. 0.8"),
+                                (dict(extra_paths="/no/such.safetensors"), "no such file or folder"),
+                                (dict(content_scale=0), "content scale must be a number other than 0")):
+            with pytest.raises(AppError, match=message) as caught:
+                set_stack(client, **fields)
+            assert "\n" not in str(caught.value.message)
+        assert np.array_equal(pixels(call(client).image), pixels(want))  # a refusal keeps the stack
+    finally:
+        info = set_stack(client)
+    assert "extra LoRA" not in info and "strengths" not in info
+
+
 # --- queue and cancel --------------------------------------------------------------
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ adapters (``set_adapters`` with weights), weights from the tensors written to th
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -254,3 +255,132 @@ def test_strengths_scale_what_a_lora_applies_and_not_the_choice(pipe, stack, swi
     klora.detach()
     with pytest.raises(KLoRAError, match="style_scale must be a finite number other than 0"):
         KLoRA(pipe, files["content"], files["style"], style_scale=0.0)
+
+
+# --- from the command line, the notebook API and Wan 2.2's two experts ------------------------
+
+
+def _run(script_main, argv, capsys):
+    from klora import cli
+
+    code = cli.run(script_main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_command_line_extra_loras_and_strengths_equal_the_library(pipe, stack, tiny_sdxl_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    import inference_sd
+
+    files, _ = stack
+    argv = ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--lora_name_or_path_content", str(files["content"]),
+            "--lora_name_or_path_style", str(files["style"]), "--prompt", "a sbu dog in szn style",
+            "--num_inference_steps", "4", "--height", "64", "--width", "64", "--device", "cpu", "--pattern", "s",
+            "--extra_lora", str(files["extra"]), "--extra_lora_scale", "0.7", "--extra_lora", str(files["mine"]),
+            "--content_scale", "0.8", "--output_folder", str(tmp_path / "out"),
+            "--selection_log", str(tmp_path / "log.json")]
+    code, out, err = _run(inference_sd.main, argv, capsys)
+    assert code == 0, err
+    assert "content scale 0.8, style scale 1, 2 extra LoRA(s) always on" in out
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [(e["scale"], e["file"].split("'")[1]) for e in log["extra_loras"]] == \
+        [(0.7, str(files["extra"])), (1.0, str(files["mine"]))]
+    written = np.asarray(Image.open(tmp_path / "out" / "klora-s_seed0.png"), dtype=np.int16)
+
+    klora = _quiet(lambda: KLoRA(pipe, files["content"], files["style"], pattern="s", content_scale=0.8,
+                                 extra_loras=[(files["extra"], 0.7), files["mine"]]))
+    image = pipe("a sbu dog in szn style", num_inference_steps=4, height=64, width=64, guidance_scale=5.0,
+                 generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    klora.detach()
+    assert np.abs(np.asarray(image, dtype=np.int16) - written).max() <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--extra_lora_scale", "0.5"], "--extra_lora_scale given 1 times for 0 --extra_lora"),
+    (["--content_scale", "0"], "--content_scale 0.0: must be a finite number other than 0"),
+    (["--extra_lora", "{extra}", "--extra_lora_scale", "nan"], "--extra_lora_scale nan: must be a finite number"),
+    (["--extra_lora", "{broken}"], "extra LoRA 1 '{broken}': tensor"),
+])
+def test_command_line_stack_mistakes_are_one_line(stack, tiny_sdxl_dir, tmp_path, capsys, extra, message):
+    import inference_sd
+
+    files, layers = stack
+    broken = {p: (A, B * float("inf"), alpha) for p, (A, B, alpha) in list(layers["extra"].items())[:2]}
+    write_peft(tmp_path / "broken.safetensors", broken)
+    names = {"extra": str(files["extra"]), "broken": str(tmp_path / "broken.safetensors")}
+    argv = ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--lora_name_or_path_content", str(files["content"]),
+            "--lora_name_or_path_style", str(files["style"]), "--prompt", "p", "--device", "cpu",
+            "--output_folder", str(tmp_path / "out"), *[a.format(**names) for a in extra]]
+    code, out, err = _run(inference_sd.main, argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message.format(**names) in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_insert_klora_takes_extra_loras_and_strengths(pipe, stack):
+    from utils import insert_klora, remove_klora
+
+    files, layers = stack
+    before = base_weights(pipe.unet)
+    klora = _quiet(lambda: insert_klora(pipe, files["content"], files["style"], method="style", style_scale=0.5,
+                                        extra_loras=[(files["extra"], -0.4)]))
+    path = next(p for p in layers["style"] if p in layers["extra"])
+    torch.testing.assert_close(applied_delta(pipe.unet, path, before),
+                               0.5 * delta(layers["style"][path]) - 0.4 * delta(layers["extra"][path]),
+                               rtol=1e-5, atol=1e-7)
+    assert klora.extra_scales == {"extra1": -0.4}
+    remove_klora(pipe)
+    assert all(torch.equal(w, before[p]) for p, w in base_weights(pipe.unet).items())
+
+
+def test_four_steps_on_wan22_with_a_speed_lora_per_expert(video_dir, tmp_path):
+    """lightx2v-style runs: 4 steps, 2 per expert, a HIGH/LOW speed LoRA pair always on. The schedule is
+    p = 0, 0.25, 0.5, 0.75 across both experts, and the log and the map show it."""
+    from diffusers import DiffusionPipeline
+
+    from klora import selection_map
+    from video_lora_files import write_wan_peft
+
+    pipe = DiffusionPipeline.from_pretrained(video_dir("wan22"))
+    pipe.set_progress_bar_config(disable=True)
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    attention = [p for p, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                 and re.search(r"^blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", p)]
+    content = random_layers(pipe.transformer, attention, rank=4, alpha=4.0, seed=1, scale=0.1)
+    style = random_layers(pipe.transformer, attention, rank=4, alpha=4.0, seed=2, scale=0.12)
+    speed = {"high": random_layers(pipe.transformer, attention[::2], rank=2, alpha=2.0, seed=3, scale=0.1),
+             "low": random_layers(pipe.transformer, attention[1::2], rank=2, alpha=2.0, seed=4, scale=0.1)}
+    for name, value in (("c", content), ("s", style), ("high", speed["high"]), ("low", speed["low"])):
+        write_wan_peft(tmp_path / f"{name}.safetensors", value)
+    w0 = {c: base_weights(d) for c, d in experts.items()}
+    klora = _quiet(lambda: KLoRA(pipe, tmp_path / "c.safetensors", tmp_path / "s.safetensors", pattern="s",
+                                 extra_loras=[tmp_path / "high.safetensors"],
+                                 extra_loras_2=[(tmp_path / "low.safetensors", 0.5)]))
+    pipe("a sbu cat", num_inference_steps=4, guidance_scale=5.0, height=16, width=16, num_frames=5,
+         output_type="np", generator=torch.Generator().manual_seed(0))
+    log = klora.selection_log()
+    steps = log["generations"][-1]["steps"]
+    assert [(s["step"], s["progress"], s["component"]) for s in steps] == [
+        (0, 0.0, "transformer"), (1, 0.25, "transformer"), (2, 0.5, "transformer_2"), (3, 0.75, "transformer_2")]
+    assert [s["scale"] for s in steps] == pytest.approx([0.5, 0.875, 1.25, 1.625])
+    assert [e["second_expert"] for e in log["extra_loras"]] == [False, True]
+    drawn = selection_map.layout(log)  # the map: one column per step, one panel per expert
+    assert [column[0] for column in drawn.columns] == [0, 1, 2, 3]
+    assert [panel.component for panel in drawn.panels] == ["transformer", "transformer_2"]
+    assert [{key.split(".")[0] for key in column} for column in drawn.choices] == \
+        [{"transformer"}, {"transformer"}, {"transformer_2"}, {"transformer_2"}]
+    # Each expert carries its own speed LoRA on top of W0 wherever the choice leaves it.
+    for component, extra, scale in (("transformer", speed["high"], 1.0), ("transformer_2", speed["low"], 0.5)):
+        modules = dict(experts[component].named_modules())
+        last = next(s["choices"] for s in reversed(steps) if s["component"] == component)
+        for path in attention:
+            want = w0[component][path].double() + delta((content if last[f"{component}.{path}"] == "content"
+                                                         else style)[path])
+            if path in extra:
+                want = want + scale * delta(extra[path])
+            torch.testing.assert_close(modules[path].weight.double(), want, rtol=0, atol=2e-6)
+    klora.detach()
+    assert all(torch.equal(w, w0[c][p]) for c, d in experts.items() for p, w in base_weights(d).items())
