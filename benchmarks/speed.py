@@ -16,7 +16,9 @@ it does in a generation (its progress comes from that scheduler, as in a pipelin
 Rows, each printed as soon as it is measured (median of ``--rounds`` images after one
 warm-up image): the base model; one unfused LoRA (a PEFT adapter); for SDXL both LoRAs
 merged into the weights ("direct merge, fused"); K-LoRA with fused switching; K-LoRA
-with adapter switching; for SDXL the original implementation's per-call recompute
+with adapter switching; a LoRA stack: two unfused PEFT adapters, and K-LoRA fused with
+a third LoRA always on (held in the copy its switches rewrite from); for SDXL the
+original implementation's per-call recompute
 (dense B @ A and top-K in every layer on every call, a Python comparison, the chosen
 delta as a second full-rank matmul: re-implemented here only to be timed; with
 ``--full_size`` on fewer steps, scaled, as its row says); with ``--compile`` base +
@@ -233,15 +235,16 @@ def adapted_paths(model) -> list[str]:
             if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + p for p in PROJECTIONS))]
 
 
-def random_loras(model, prefix: str, rank: int) -> tuple[dict, dict]:
-    """Two rank-``rank`` LoRAs (diffusers naming, alpha = rank) as host state dicts, as if read
-    from files; magnitudes tilted in opposite directions through the network, so that each
-    LoRA wins in some layers and K-LoRA switches layers during a generation."""
+def random_loras(model, prefix: str, rank: int) -> tuple[dict, dict, dict]:
+    """Three rank-``rank`` LoRAs (diffusers naming, alpha = rank) as host state dicts, as if read
+    from files: content and style with magnitudes tilted in opposite directions through the
+    network, so that each LoRA wins in some layers and K-LoRA switches layers during a
+    generation, and an untilted third one, the extra (always-on) LoRA of the stack rows."""
     modules = dict(model.named_modules())
     paths = adapted_paths(model)
     generator = torch.Generator().manual_seed(0)
     loras = []
-    for tilt in (1.0, -1.0):
+    for tilt in (1.0, -1.0, 0.0):
         tensors = {}
         for i, path in enumerate(paths):
             linear = modules[path]
@@ -251,7 +254,7 @@ def random_loras(model, prefix: str, rank: int) -> tuple[dict, dict]:
             tensors[f"{prefix}.{path}.lora_B.weight"] = torch.randn(linear.out_features, rank,
                                                                    generator=generator) * strength
         loras.append(tensors)
-    return loras[0], loras[1]
+    return loras[0], loras[1], loras[2]
 
 
 class RecomputeEveryCall(torch.nn.Module):
@@ -446,7 +449,7 @@ def main(argv=None):
         f"median of {args.rounds} images after a warm-up"
         f"{', each next to an image of an untouched twin' if args.paired else ''}; "
         f"built in {time.perf_counter() - start:.1f} s")
-    content, style = random_loras(model, prefix, args.rank)
+    content, style, extra = random_loras(model, prefix, args.rank)
     log()
     log("| method | seconds per image | x base | peak GPU GiB | note |")
     log("|---|---|---|---|---|")
@@ -476,6 +479,17 @@ def main(argv=None):
     adapters = KLoRA(driver, content, style, switching="adapters")
     bench.row("K-LoRA, adapter switching (PEFT set_adapter)", model)
     adapters.detach()
+
+    # A LoRA stack: K-LoRA plus an always-on extra LoRA (a speed LoRA), next to the same two LoRAs unfused.
+    with torch.no_grad():
+        model.load_lora_adapter(dict(content), adapter_name="one", prefix=prefix)
+        model.load_lora_adapter(dict(extra), adapter_name="two", prefix=prefix)
+    model.set_adapters(["one", "two"])
+    bench.row("two LoRAs, unfused (PEFT adapters)", model)
+    model.unload_lora()
+    stacked = KLoRA(driver, content, style, extra_loras=[extra])
+    bench.row("K-LoRA fused + an extra LoRA (always on)", model)
+    stacked.detach()
 
     if args.family == "sdxl" and not args.skip_recompute:
         clock = {"scale": 1.0}

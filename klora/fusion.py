@@ -725,9 +725,9 @@ class _Adapters:
                 active, merged, _ = self._user.get(module, ([], [], {}))
                 user = [n for n in active if n not in merged]  # a fused LoRA is in the weight already
                 fixed = self._fixed[module] = user + [n for n in extras if n in module.lora_A]
-                ours = any(name.startswith("klora_") for name in module.lora_A)
-                if ours:
-                    module.set_adapter(fixed, inference_mode=True)  # K-LoRA's own come with the first show()
+                # Every LoRA layer, also those K-LoRA's files do not reach: loading an adapter makes it the
+                # active one everywhere. K-LoRA's own come with the first show().
+                module.set_adapter(fixed, inference_mode=True)
                 self._modules[component, path] = module
         self._by_key = {layer.key: self._modules.get((layer.component, layer.path)) for layer in klora.layers}
 

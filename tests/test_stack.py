@@ -37,9 +37,8 @@ def pipe(tiny_sdxl_dir):
 
 @pytest.fixture(scope="module")
 def stack(tiny_sdxl_dir, tmp_path_factory):
-    """Content on every attention linear, style on the first 40, an extra LoRA on every third one plus
-    layers neither of the pair adapts is impossible here (the pair covers them all), so the extra
-    overlaps both; a fourth LoRA ("mine") is the user's own. PEFT files diffusers loads as they are."""
+    """Content on every attention linear, style on the first 40, an extra LoRA on every third one (so it
+    overlaps both), and the user's own ("mine"). PEFT files diffusers loads as they are."""
     folder = tmp_path_factory.mktemp("stack")
     unet = _load(tiny_sdxl_dir).unet
     paths = attention_linears(unet)
@@ -47,7 +46,9 @@ def stack(tiny_sdxl_dir, tmp_path_factory):
         "content": random_layers(unet, paths, rank=4, alpha=2.0, seed=21, scale=0.05),
         "style": random_layers(unet, paths[:40], rank=8, alpha=4.0, seed=22, scale=0.06),
         "extra": random_layers(unet, paths[::3], rank=4, alpha=4.0, seed=23, scale=0.08),
-        "mine": random_layers(unet, paths[1::2], rank=2, alpha=2.0, seed=24, scale=0.08),
+        # The user's own: half the attention linears, and feed-forward layers K-LoRA's files do not reach.
+        "mine": random_layers(unet, paths[1::2] + [p for p, m in unet.named_modules() if p.endswith("ff.net.2")],
+                              rank=2, alpha=2.0, seed=24, scale=0.08),
     }
     files = {}
     for name, value in layers.items():
