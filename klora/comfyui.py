@@ -169,11 +169,15 @@ class Part:
 
 def read_parts(model, path, role: str, label: str | None = None) -> tuple[dict[str, list[Part]], list[str]]:
     """({model key: [Part, ...]}, warning lines) of one LoRA file on a ComfyUI model (``patcher.model``)."""
+    own = f"{role} LoRA '{Path(path)}'"
+    label = label or own
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lora = loras.read(Path(path), f"{role} LoRA")
-    label = label or lora.label
-    notes = [str(w.message).replace(lora.label, label, 1) for w in caught]
+        try:
+            lora = loras.read(Path(path), f"{role} LoRA")
+        except LoRAError as exc:
+            raise LoRAError(str(exc).replace(own, label, 1)) from None
+    notes = [str(w.message).replace(own, label, 1) for w in caught]
     tensors = dict(lora.tensors)
     for layer, value in checks.metadata_alphas(tensors, lora.metadata).items():
         tensors[f"{layer}.alpha"] = torch.tensor(value)
