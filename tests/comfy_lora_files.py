@@ -237,11 +237,11 @@ def write(path, layers, names, style="lora_down", alpha_in="keys", swap=lambda l
         if alpha_in == "baked":
             A = A * layer.scale
         if style == "old":
-            tensors[f"{name}_lora.down.weight"] = A.contiguous()
-            tensors[f"{name}_lora.up.weight"] = B.contiguous()
+            tensors[f"{name}_lora.down.weight"] = A.clone()
+            tensors[f"{name}_lora.up.weight"] = B.clone()
         else:
-            tensors[f"{name}.{down}"] = A.contiguous()
-            tensors[f"{name}.{up}"] = B.contiguous()
+            tensors[f"{name}.{down}"] = A.clone()
+            tensors[f"{name}.{up}"] = B.clone()
         if alpha_in == "keys" and layer.alpha is not None:
             tensors[f"{name}.alpha"] = torch.tensor(layer.alpha)
     tensors.update(extra or {})

@@ -122,6 +122,10 @@ def close(a, b, tol=1e-5):
     return float((a - b).abs().max()) <= tol
 
 
+def relative_error(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
 # --- one LoRA, both LoRAs: equal to ComfyUI's own loader ------------------------------
 
 @pytest.mark.parametrize("family", family_params())
@@ -169,3 +173,260 @@ def test_logged_choices_stats_and_gamma_follow_the_rule(family, tmp_path):
         assert entry["choices"] == expected
         switched |= {key for key, choice in expected.items() if choice == "style"}
     assert switched and switched != set(stats), "the test pair should make some layers switch and not others"
+
+
+# --- the switching itself: step by step against ComfyUI's loader ------------------------
+
+def stepwise_reference(tiny, tmp_path, content, style, schedule, steps, before=(), after=(), patcher=None,
+                       first=0, last=None, latent=None, full_denoise=True, **sample_kwargs):
+    """The latent of a run in which step i uses a model that ComfyUI's loader made from a file holding, per
+    layer, the LoRA ``schedule[i - first]`` chose there (``before``/``after``: LoRA files, or (file, strength),
+    loaded before and after it): one KSamplerAdvanced-style call per step, from ``first`` to ``last``."""
+    cut = fused_rows(tiny)
+    content, style = split(content, cut), split(style, cut)
+    by_place = {(l.key, l.rows): l for l in style}
+    last = steps if last is None else last
+    for i in range(first, last):
+        chosen = []
+        for c in content:
+            key = c.log_key(c.key in cut)
+            s = by_place.get((c.key, c.rows))
+            chosen.append(c if s is None or schedule[i - first][key] == "content" else s)
+        model = patcher or tiny.patcher
+        for path in before:
+            model = loader(model, *(path if isinstance(path, tuple) else (path,)))
+        model = loader(model, write_comfy(tiny, tmp_path / f"step{i}.safetensors", chosen))
+        for path in after:
+            model = loader(model, *(path if isinstance(path, tuple) else (path,)))
+        latent = cm.sample(tiny, model, steps=steps, start_step=i, last_step=i + 1, latent=latent,
+                           disable_noise=latent is not None,
+                           force_full_denoise=full_denoise and i == steps - 1, **sample_kwargs)
+    return latent
+
+
+def schedule_of(log_path, generation=-1):
+    return [s["choices"] for s in json.loads(log_path.read_text())["generations"][generation]["steps"]]
+
+
+@pytest.mark.parametrize("family,cut", [("wan21", None), ("flux", True), ("flux", False), ("ltxv", None),
+                                        ("qwen_image", None), pytest.param("sdxl", None, marks=pytest.mark.slow)])
+def test_klora_run_equals_comfyui_loader_step_by_step(family, cut, tmp_path):
+    tiny = cm.build(family)
+    content, style, content_file, style_file = pair(tiny, tmp_path, cut=cut)
+    log_path = tmp_path / "log.json"
+    model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", log_path=log_path)
+    ours = cm.sample(tiny, model, steps=4)
+    steps = json.loads(log_path.read_text())["generations"][-1]["steps"]
+    schedule = [s["choices"] for s in steps]
+    assert any(a != b for a, b in zip(schedule, schedule[1:])), "no layer switched: the test proves nothing"
+    expected = stepwise_reference(tiny, tmp_path, content, style, schedule, 4)
+    # The per-step chain rounds the latent in and out of each call (latent format, noise scaling): float32 noise.
+    assert relative_error(ours, expected) < 2e-6, relative_error(ours, expected)
+
+
+def lowvram(patcher, memory_fraction=0.4):
+    """A clone that ComfyUI loads partially (lowvram: the rest through ``LowVramPatch`` at every forward).
+
+    On a CPU ComfyUI always loads fully, so a PREPARE_SAMPLING wrapper (ComfyUI's extension point for
+    this step) loads it with ``patch_model(lowvram_model_memory=...)`` instead of ``load_models_gpu``;
+    the caller calls ``unpatch_model`` afterwards."""
+    clone = patcher.clone()
+    memory = int(clone.model_size() * memory_fraction)
+
+    def prepare(executor, model, noise_shape, conds, model_options=None):
+        model.unpatch_model()
+        model.patch_model(device_to=model.load_device, lowvram_model_memory=memory)
+        switching = [key for key in model.patches if any(isinstance(p[1], kc.KLoRAPatch) for p in model.patches[key])]
+        in_place = [key for key in switching if key in model.backup]
+        assert model.model.model_lowvram and 0 < len(in_place) < len(switching), \
+            "expected some K-LoRA keys patched in place, some through LowVramPatch"
+        return model.model, conds, []
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test-lowvram", prepare)
+    return clone
+
+
+def test_lora_stack_before_and_after_stays_applied(tmp_path):
+    tiny = cm.build("wan21")
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    chosen = files.targets(tiny.model, ATTENTION["wan21"])
+    first = write_comfy(tiny, tmp_path / "first.safetensors", files.random_layers(tiny.model, chosen, seed=7))
+    last = write_comfy(tiny, tmp_path / "last.safetensors", files.random_layers(tiny.model, chosen, rank=2, seed=8))
+    log_path = tmp_path / "log.json"
+    stacked = loader(kc.apply(loader(tiny.patcher, first), content_file, style_file, pattern="s", log_path=log_path),
+                     last, 0.6)
+    ours = cm.sample(tiny, stacked, steps=4)
+    schedule = schedule_of(log_path)
+    expected = stepwise_reference(tiny, tmp_path, content, style, schedule, 4, before=[first], after=[(last, 0.6)])
+    assert relative_error(ours, expected) < 2e-6, relative_error(ours, expected)
+    without_last = stepwise_reference(tiny, tmp_path, content, style, schedule, 4, before=[first])
+    assert relative_error(ours, without_last) > 1e-3  # the last LoRA does change the result
+
+    # A schedule that gives every layer to the content LoRA equals the loaders chained; likewise style.
+    forced = loader(kc.apply(loader(tiny.patcher, first), content_file, style_file, pattern="s", alpha=1e-9,
+                             beta=0.0), last, 0.6)
+    chained = loader(loader(loader(tiny.patcher, first), content_file), last, 0.6)
+    assert close(cm.sample(tiny, forced, steps=4), cm.sample(tiny, chained, steps=4))
+    forced = kc.apply(tiny.patcher, content_file, style_file, pattern="s", alpha=1e-9, beta=1e9)
+    assert close(cm.sample(tiny, forced, steps=4), cm.sample(tiny, loader(tiny.patcher, style_file), steps=4))
+
+
+def test_unload_reload_lowvram_clones_and_other_runs_stay_exact(tmp_path):
+    tiny = cm.build("flux")
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    w0 = cm.weights(tiny.patcher)
+    base = cm.sample(tiny, steps=4)
+    log_path = tmp_path / "log.json"
+    model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", log_path=log_path)
+    first = cm.sample(tiny, model, steps=4)
+    expected = stepwise_reference(tiny, tmp_path, content, style, schedule_of(log_path), 4)
+    assert relative_error(first, expected) < 2e-6
+
+    # Another seed, steps, sampler and scheduler in between, each exact against its own reference.
+    other = cm.sample(tiny, model, steps=5, seed=3, scheduler="normal")
+    assert relative_error(other, stepwise_reference(tiny, tmp_path, content, style, schedule_of(log_path), 5,
+                                                    seed=3, scheduler="normal")) < 2e-6
+    cm.sample(tiny, model, steps=3, sampler="dpmpp_2m", scheduler="beta", seed=4)
+    assert len(schedule_of(log_path)) == 3
+    assert torch.equal(cm.sample(tiny, model, steps=4), first)  # loaded, weights hold the last run's choice
+
+    comfy.model_management.unload_all_models()
+    assert all(torch.equal(v, w0[k]) for k, v in cm.weights(tiny.patcher).items()), "unloading did not restore W0"
+    assert torch.equal(cm.sample(tiny, model, steps=4), first)  # reloaded
+
+    # Clones in one workflow: a plain clone and a clone with one more LoRA, run alternately.
+    extra = write_comfy(tiny, tmp_path / "extra.safetensors",
+                        files.random_layers(tiny.model, files.targets(tiny.model, ATTENTION["flux"]), seed=9))
+    plain, stacked = model.clone(), loader(model, extra)
+    stacked_first = cm.sample(tiny, stacked, steps=4)
+    assert relative_error(stacked_first, stepwise_reference(tiny, tmp_path, content, style, schedule_of(log_path), 4,
+                                                            after=[extra])) < 2e-6
+    assert torch.equal(cm.sample(tiny, plain, steps=4), first)
+    assert torch.equal(cm.sample(tiny, stacked, steps=4), stacked_first)
+
+    # lowvram: modules not loaded in place follow the choice through LowVramPatch at every forward.
+    partial = lowvram(model)
+    try:
+        assert relative_error(cm.sample(tiny, partial, steps=4), first) < 1e-6
+    finally:
+        partial.unpatch_model()
+    assert all(torch.equal(v, w0[k]) for k, v in cm.weights(tiny.patcher).items())
+
+    comfy.model_management.unload_all_models()
+    assert torch.equal(cm.sample(tiny, steps=4), base), "the base model changed after K-LoRA"
+
+
+# --- progress ----------------------------------------------------------------------
+
+def record_calls(patcher, key):
+    """A clone whose model calls record (sigma, the weight ``key`` holds then); K-LoRA's wrapper runs first."""
+    calls = []
+
+    def wrapper(executor, *args, **kwargs):
+        options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {})
+        weight = comfy.utils.get_attr(executor.class_obj, key)
+        calls.append((float(options["sigmas"].flatten()[0]), weight.detach().clone()))
+        return executor(*args, **kwargs)
+
+    clone = patcher.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test-record", wrapper)
+    return clone, calls
+
+
+@pytest.mark.parametrize("sampler,calls_per_step", [("euler", 1), ("heun", 2), ("dpm_2", 2), ("dpmpp_2s_ancestral", 2)])
+def test_steps_progress_counts_steps_not_model_calls(sampler, calls_per_step, tmp_path):
+    tiny = cm.build("flux")
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    log_path = tmp_path / "log.json"
+    model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", log_path=log_path)
+    schedule = kc.attached(model)
+    per_step = [schedule.choices_at(i / 4) for i in range(4)]
+    key = next(k for k in per_step[0] if len({c[k] for c in per_step}) > 1)  # a layer that switches
+    module, rows = key.split("[")[0], tuple(int(x) for x in key.split("[")[1][:-1].split(":")) if "[" in key else None
+    weight_key = f"{module}.weight"
+    w0 = cm.weights(tiny.patcher)[weight_key]
+    value = {role: files.expected_weights({weight_key: w0}, [([l for l in layers if l.key == weight_key], 1.0)])
+             for role, layers in (("content", split(content, fused_rows(tiny))), ("style", split(style, fused_rows(tiny))))}
+
+    recorded, calls = record_calls(model, weight_key)
+    cm.sample(tiny, recorded, steps=4, sampler=sampler, cfg=2.0)
+    log = json.loads(log_path.read_text())
+    (generation,) = log["generations"]
+    assert generation["num_inference_steps"] == 4
+    assert [(s["step"], s["progress"]) for s in generation["steps"]] == [(i, i / 4) for i in range(4)]
+    assert [s["choices"] for s in generation["steps"]] == per_step
+    assert len(calls) >= 4 + (calls_per_step - 1) * 3  # the last step of some samplers takes one call
+
+    sigmas = comfy.samplers.calculate_sigmas(tiny.model.model_sampling, "simple", 5 if sampler == "dpm_2" else 4)
+    if sampler == "dpm_2":
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    for sigma, weight in calls:
+        step = max(j for j in range(4) if float(sigmas[j]) >= sigma * (1 - 1e-5))
+        start, stop = rows or (0, weight.shape[0])
+        expected = value[per_step[step][key]][weight_key][start:stop]
+        assert torch.allclose(weight[start:stop].double(), expected, atol=1e-6), (sampler, sigma, step)
+
+
+def wan22(tmp_path, progress):
+    """Two tiny Wan experts (high noise, low noise) with a K-LoRA node each, and their files."""
+    experts = []
+    for n, seed in enumerate((0, 1)):
+        tiny = cm.build("wan21", seed=seed)
+        folder = tmp_path / f"expert{n}"
+        folder.mkdir()
+        content, style, content_file, style_file = pair(tiny, folder, content_seed=10 + n, style_seed=20 + n)
+        log_path = folder / "log.json"
+        model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", progress=progress, log_path=log_path)
+        experts.append((tiny, model, content, style, log_path, folder))
+    return experts
+
+
+def run_wan22(experts, steps=4, switch=2):
+    (high, high_model, *_), (low, low_model, *_) = experts
+    latent = cm.sample(high, high_model, steps=steps, start_step=0, last_step=switch)  # leftover noise returned
+    return cm.sample(low, low_model, steps=steps, start_step=switch, last_step=steps, latent=latent,
+                     disable_noise=True, force_full_denoise=True)
+
+
+@pytest.mark.slow
+def test_percent_progress_continues_across_wan22_experts_and_stays_exact(tmp_path):
+    experts = wan22(tmp_path, "percent")
+    ours = run_wan22(experts)
+    logs = [json.loads(e[4].read_text()) for e in experts]
+    progress = [[s["progress"] for s in log["generations"][-1]["steps"]] for log in logs]
+    assert [s["step"] for s in logs[1]["generations"][-1]["steps"]] == [0, 1]
+    assert progress[0] == pytest.approx([0.0, 0.25], abs=1e-6)
+    assert progress[1] == pytest.approx([0.5, 0.75], abs=1e-6), "the low expert must continue where the high stopped"
+    for log, values in zip(logs, progress):
+        for entry in log["generations"][-1]["steps"]:
+            assert entry["scale"] == pytest.approx(1.5 * entry["progress"] + 0.5)
+
+    (high, _, hc, hs, high_log, folder0), (low, _, lc, ls, low_log, folder1) = experts
+    latent = stepwise_reference(high, folder0, hc, hs, schedule_of(high_log), 4, first=0, last=2)
+    expected = stepwise_reference(low, folder1, lc, ls, schedule_of(low_log), 4, first=2, last=4, latent=latent)
+    assert relative_error(ours, expected) < 2e-6
+
+
+def test_steps_progress_is_per_sampler_run_and_percent_places_denoise(tmp_path):
+    experts = wan22(tmp_path, "steps")
+    run_wan22(experts)
+    for _, _, _, _, log_path, _ in experts:
+        steps = json.loads(log_path.read_text())["generations"][-1]["steps"]
+        assert [(s["step"], s["progress"]) for s in steps] == [(0, 0.0), (1, 0.5)]
+
+    tiny = cm.build("wan21")
+    _, _, content_file, style_file = pair(tiny, tmp_path)
+    for progress, expected in (("percent", [0.5, 0.625, 0.75, 0.875]), ("steps", [0.0, 0.25, 0.5, 0.75])):
+        log_path = tmp_path / f"{progress}.json"
+        model = kc.apply(tiny.patcher, content_file, style_file, progress=progress, log_path=log_path)
+        cm.sample(tiny, model, steps=4, denoise=0.5, latent=torch.randn(tiny.latent_shape))
+        steps = json.loads(log_path.read_text())["generations"][-1]["steps"]
+        assert [s["progress"] for s in steps] == pytest.approx(expected, abs=1e-6)
+
+
+def test_sampling_percent_inverts_percent_to_sigma():
+    for family in ("sdxl", "flux", "wan21", "sd3"):
+        sampling = cm.build(family).model.model_sampling
+        for p in (0.0, 0.1, 0.37, 0.5, 0.9):
+            sigma = sampling.percent_to_sigma(p) if p > 0 else float(sampling.sigma_max)
+            assert kc.sampling_percent(sampling, float(sigma)) == pytest.approx(p, abs=1e-6), (family, p)
