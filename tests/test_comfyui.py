@@ -430,3 +430,153 @@ def test_sampling_percent_inverts_percent_to_sigma():
         for p in (0.0, 0.1, 0.37, 0.5, 0.9):
             sigma = sampling.percent_to_sigma(p) if p > 0 else float(sampling.sigma_max)
             assert kc.sampling_percent(sampling, float(sigma)) == pytest.approx(p, abs=1e-6), (family, p)
+
+
+# --- files K-LoRA refuses, in one line that names the file --------------------------------
+
+def refused(tiny, tmp_path, tensors, match, good=None):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    if isinstance(tensors, bytes):
+        bad.write_bytes(tensors)
+    else:
+        save_file(tensors, str(bad))
+    good = good or pair(tiny, tmp_path)[3]
+    with pytest.raises(LoRAError, match=match) as info:
+        kc.apply(tiny.patcher, bad, good, labels={"content": "content LoRA 'bad.safetensors'"})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("content LoRA 'bad.safetensors'"), message
+    return message
+
+
+def wan_layer(name, rank=2, rows=32, cols=32, prefix="diffusion_model."):
+    return {f"{prefix}{name}.lora_down.weight": torch.randn(rank, cols),
+            f"{prefix}{name}.lora_up.weight": torch.randn(rows, rank), f"{prefix}{name}.alpha": torch.tensor(1.0)}
+
+
+def test_broken_and_misfit_files_are_one_line_errors(tmp_path):
+    tiny = cm.build("wan21")
+    good = wan_layer("blocks.0.self_attn.q")
+    refused(tiny, tmp_path, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":", "not a readable safetensors file")
+    refused(tiny, tmp_path, {"diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(32, 32)}, "not a LoRA")
+    refused(tiny, tmp_path, {**good, "diffusion_model.blocks.0.self_attn.k.lora_down.weight": torch.zeros(2, 32)},
+            "has lora_down .* but no lora_up")
+    refused(tiny, tmp_path, {**good, "diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(32, 1)}, "DoRA")
+    nan = {**good, "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.full((32, 2), float("nan"))}
+    refused(tiny, tmp_path, nan, "NaN")
+    # Keys that map to nothing: never a partial LoRA.
+    message = refused(tiny, tmp_path, {**good, **wan_layer("blocks.0.self_attn.nonexistent")},
+                      r"3 of its 6 keys map to no weight of this WAN21 model")
+    assert "blocks.0.self_attn.nonexistent" in message
+    # Another model's LoRA: an SDXL file on Wan, a Wan layer of the wrong width.
+    sdxl = wan_layer("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", prefix="unet.")
+    refused(tiny, tmp_path, sdxl, r"none of its keys map .*look like a LoRA for Stable Diffusion")
+    refused(tiny, tmp_path, wan_layer("blocks.0.self_attn.q", cols=48), r"is 32x48 in the LoRA but 32x32 in this model")
+
+
+@pytest.mark.parametrize("kind,tensors", [
+    ("LoHa", {"hada_w1_a": (32, 2), "hada_w1_b": (2, 32), "hada_w2_a": (32, 2), "hada_w2_b": (2, 32)}),
+    ("LoKr", {"lokr_w1": (2, 2), "lokr_w2": (16, 16)}),
+    ("OFT", {"oft_blocks": (4, 8, 8)}),
+])
+def test_other_algorithms_are_refused_because_k_needs_a_rank(kind, tensors, tmp_path):
+    tiny = cm.build("wan21")
+    layer = {f"lora_unet_blocks_0_self_attn_q.{name}": torch.randn(shape) * 0.01 for name, shape in tensors.items()}
+    message = refused(tiny, tmp_path, {**layer, "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(2.0)},
+                      f"is a {kind} layer")
+    assert "rank" in message
+
+
+def test_text_encoder_keys_and_wan_image_layers_are_skipped_with_a_warning(tmp_path, caplog):
+    tiny = cm.build("wan21")
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(content_file))
+    tensors.update(wan_layer("blocks.0.cross_attn.k_img"))
+    tensors.update({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                    "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)})
+    save_file(tensors, str(tmp_path / "i2v.safetensors"))
+    with caplog.at_level("WARNING"):
+        model = kc.apply(tiny.patcher, tmp_path / "i2v.safetensors", style_file, method="content")
+    text = caplog.text
+    assert "2 text-encoder weights are not applied" in text
+    assert "skipped 3 keys of layers this model does not have" in text and "image-to-video" in text
+    assert "lora key not loaded" not in text
+    assert close(cm.sample(tiny, model, steps=3), cm.sample(tiny, loader(tiny.patcher, content_file), steps=3))
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    tiny = cm.build("wan21")
+    _, _, content_file, style_file = pair(tiny, tmp_path)
+    for kwargs, match in (({"pattern": "x"}, "pattern must be one of"), ({"method": "mix"}, "method must be one of"),
+                          ({"progress": "noise"}, "progress must be one of"), ({"alpha": 0}, "alpha must be a positive number"),
+                          ({"beta": float("nan")}, "beta must be a finite number")):
+        with pytest.raises(KLoRAError, match=match):
+            kc.apply(tiny.patcher, content_file, style_file, **kwargs)
+
+
+# --- one rule for both engines: ComfyUI's fused weights against the diffusers engine -------------
+
+@pytest.fixture(scope="module")
+def flux_pipeline(tiny_flux_dir):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_flux_dir)
+
+
+def _flux_units(layout, transformer, seed):
+    import flux_lora_files as flux
+
+    if layout == "diffusers":  # every block linear, ranks and alphas per layer in the PEFT metadata
+        units = flux.diffusers_units(transformer, flux.block_linears(transformer), rank=lambda i: 2 + i % 3,
+                                     alpha=lambda i: 1.0 + i % 4, seed=seed)
+        return units, flux.write_diffusers
+    # kohya: fused qkv (cut into q, k, v by both engines), modulation, MLP; diffusers' kohya converter
+    # hard-codes the real FLUX.1 sizes of single blocks' linear1, so the tiny files leave it out.
+    units = flux.fused_units(transformer, "kohya", rank=4, alpha=2.0, seed=seed, keep=lambda name: name != "linear1")
+    return units, flux.write_kohya
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content_layout,style_layout", [("diffusers", "diffusers"), ("kohya", "kohya"),
+                                                         ("diffusers", "kohya")])
+def test_fused_weights_choose_per_diffusers_layer_like_the_diffusers_engine(flux_pipeline, content_layout,
+                                                                            style_layout, tmp_path):
+    from klora.fusion import KLoRA
+
+    transformer = flux_pipeline.transformer
+    paths = {}
+    for role, layout, seed in (("content", content_layout, 1), ("style", style_layout, 2)):
+        units, writer = _flux_units(layout, transformer, seed)
+        paths[role] = tmp_path / f"{role}.safetensors"
+        writer(paths[role], units)
+    engine = KLoRA(flux_pipeline, str(paths["content"]), str(paths["style"]), pattern="s*")
+    try:
+        tiny = cm.build("flux")
+        ours = kc.attached(kc.apply(tiny.patcher, paths["content"], paths["style"], pattern="s*"))
+        names = {}  # diffusers module -> ComfyUI log key, from ComfyUI's own FLUX map
+        for name, target in comfy.utils.flux_to_diffusers(tiny.model.model_config.unet_config,
+                                                          output_prefix="diffusion_model.").items():
+            if name.endswith(".weight") and not isinstance(target, str) and target[1] is not None:
+                start, length = target[1][1], target[1][2]
+                names[name[:-7]] = f"{target[0][:-7]}[{start}:{start + length}]"
+            elif name.endswith(".weight"):
+                names[name[:-7]] = (target if isinstance(target, str) else target[0])[:-7]
+        assert {names[p] for p in engine.stats} == set(ours.stats)
+        for path, theirs in engine.stats.items():
+            mine = ours.stats[names[path]]
+            assert mine.k == theirs.k
+            for field in ("content_topk_sum", "style_topk_sum", "content_abs_sum", "style_abs_sum"):
+                assert math.isclose(getattr(mine, field), getattr(theirs, field), rel_tol=1e-5), (path, field)
+        assert math.isclose(ours.gamma, engine.gamma, rel_tol=1e-6)
+        assert {names[p]: role for p, role in engine.only.items()} == ours.only
+        switches = 0
+        for p in [i / 20 for i in range(20)]:
+            expected = {names[path]: role for path, role in engine.choices_at(p).items()}
+            assert ours.choices_at(p) == expected, p
+            switches += sum(role == "style" for role in expected.values())
+        assert 0 < switches < 20 * len(expected)
+    finally:
+        engine.detach()
