@@ -250,9 +250,11 @@ def write(path, layers, names, style="lora_down", alpha_in="keys", swap=lambda l
         component = names[id(layers[0])].split(".")[0]
         modules = {names[id(l)].removeprefix(component + "."): l for l in layers}
         r0, a0 = layers[0].rank, layers[0].alpha if layers[0].alpha is not None else layers[0].rank
+        exact = {m: f"^{re.escape(m)}$" for m in modules}  # PEFT patterns match name endings: make them exact
         config = {"r": r0, "lora_alpha": a0, "target_modules": sorted(modules),
-                  "rank_pattern": {m: l.rank for m, l in modules.items() if l.rank != r0},
-                  "alpha_pattern": {m: (l.alpha or l.rank) for m, l in modules.items() if (l.alpha or l.rank) != a0}}
+                  "rank_pattern": {exact[m]: l.rank for m, l in modules.items() if l.rank != r0},
+                  "alpha_pattern": {exact[m]: (l.alpha or l.rank) for m, l in modules.items()
+                                    if (l.alpha or l.rank) != a0}}
         metadata["lora_adapter_metadata"] = json.dumps({f"{component}.{k}": v for k, v in config.items()})
     save_file(tensors, str(path), metadata=metadata)
     return path

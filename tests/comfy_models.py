@@ -138,7 +138,8 @@ def build(family: str, seed: int = 0, config_class: str | None = None) -> Tiny:
 
 
 def init_weights(model, seed: int) -> None:
-    """Every parameter of the denoiser from one seed: weights ~ N(0, 1/fan_in), norms 1, biases small."""
+    """Every parameter and buffer of the denoiser from one seed: weights ~ N(0, 1/fan_in), norms ~1, biases
+    and buffers small."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.diffusion_model.named_parameters():
@@ -149,6 +150,9 @@ def init_weights(model, seed: int) -> None:
                 parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=gen))
             else:
                 parameter.copy_(0.02 * torch.randn(parameter.shape, generator=gen))
+        for name, buffer in model.diffusion_model.named_buffers():  # SD3's pos_embed is torch.empty
+            if buffer.is_floating_point():
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=gen))
 
 
 def conditioning(tiny: Tiny, seed: int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -580,3 +581,165 @@ def test_fused_weights_choose_per_diffusers_layer_like_the_diffusers_engine(flux
         assert 0 < switches < 20 * len(expected)
     finally:
         engine.detach()
+
+
+# --- every layout, applied exactly ---------------------------------------------------------
+
+def _unet_map(tiny):
+    return {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(tiny.model.model_config.unet_config).items()}
+
+
+def _mmdit_map(tiny):
+    table = {"flux": comfy.utils.flux_to_diffusers, "sd3": comfy.utils.mmdit_to_diffusers}[tiny.family]
+    return table(tiny.model.model_config.unet_config, output_prefix="diffusion_model.")
+
+
+def _swapped(tiny):
+    """Whether a layer's diffusers module has ComfyUI's weight with (shift, scale) halves exchanged."""
+    functions = {t[0] for t in _mmdit_map(tiny).values() if not isinstance(t, str) and len(t) > 2}
+    return lambda layer: layer.key in functions
+
+
+def _old_diffusers(tiny, layers):
+    """The old diffusers attention-processor names ComfyUI maps: ``unet.<path>.processor.to_q``."""
+    names = files.names_from_map(layers, _unet_map(tiny), prefix="unet.")
+    return {i: re.sub(r"\.to_out\.0$", ".to_out", n.replace(".to_", ".processor.to_")) for i, n in names.items()}
+
+
+def _underscored(names, prefix):
+    return {i: prefix + n.replace(".", "_") for i, n in names.items()}
+
+
+# layout -> (family, which weights (cut: diffusers layers of fused weights), names(tiny, layers), write options)
+LAYOUTS = {
+    # Stable Diffusion 1.5 / SDXL: every form ComfyUI maps, plus the PEFT form it does not.
+    "sdxl/comfy": ("sdxl", False, lambda t, ls: files.names_comfy(ls), {}),
+    "sdxl/kohya-ldm": ("sdxl", False, lambda t, ls: files.names_comfy(ls, "lora_unet_"), {}),
+    "sdxl/kohya": ("sdxl", False, lambda t, ls: _underscored(files.names_from_map(ls, _unet_map(t), ""), "lora_unet_"),
+                   {}),
+    "sdxl/diffusers-old": ("sdxl", False, _old_diffusers, {"style": "old"}),
+    "sdxl/peft": ("sdxl", False, lambda t, ls: files.names_from_map(ls, _unet_map(t), "unet."),
+                  {"style": "lora_A", "alpha_in": "metadata"}),
+    "sd15/peft-bare": ("sd15", False, lambda t, ls: files.names_from_map(ls, _unet_map(t), ""),
+                       {"style": "lora_A"}),
+    "sd15/kohya": ("sd15", False, lambda t, ls: _underscored(files.names_from_map(ls, _unet_map(t), ""), "lora_unet_"),
+                   {}),
+    # FLUX.1 and SD3: diffusers names land on rows of the fused weights.
+    "flux/diffusers": ("flux", True, lambda t, ls: files.names_from_map(ls, _mmdit_map(t)),
+                       {"style": "lora_A", "alpha_in": "metadata", "swap": "diffusers"}),
+    "flux/ai-toolkit": ("flux", True, lambda t, ls: files.names_from_map(ls, _mmdit_map(t)),
+                        {"style": "lora_A", "swap": "diffusers"}),
+    "flux/peft-bare": ("flux", True, lambda t, ls: files.names_from_map(ls, _mmdit_map(t), ""),
+                       {"style": "lora_A", "swap": "diffusers"}),
+    "flux/onetrainer": ("flux", True, lambda t, ls: _underscored(files.names_from_map(ls, _mmdit_map(t), ""),
+                                                                 "lora_transformer_"), {"swap": "diffusers"}),
+    "flux/kohya": ("flux", False, lambda t, ls: files.names_comfy(ls, "lora_unet_"), {}),
+    "flux/comfy": ("flux", False, lambda t, ls: files.names_comfy(ls), {"style": "lora_A", "alpha_in": "baked"}),
+    "sd3/diffusers": ("sd3", True, lambda t, ls: files.names_from_map(ls, _mmdit_map(t)),
+                      {"style": "lora_A", "alpha_in": "metadata", "swap": "diffusers"}),
+    "sd3/kohya": ("sd3", False, lambda t, ls: files.names_comfy(ls, "lora_unet_"), {}),
+    # Qwen-Image: ComfyUI keeps diffusers' names.
+    "qwen_image/diffusers": ("qwen_image", False, lambda t, ls: files.names_comfy(ls, "transformer."),
+                             {"style": "lora_A", "alpha_in": "metadata"}),
+    "qwen_image/bare": ("qwen_image", False, lambda t, ls: files.names_comfy(ls, ""), {"style": "lora_A"}),
+    "qwen_image/comfy": ("qwen_image", False, lambda t, ls: files.names_comfy(ls), {}),
+    # Wan: original names (ComfyUI's), musubi-tuner, and the diffusers names ComfyUI does not map.
+    "wan21/comfy": ("wan21", False, lambda t, ls: files.names_comfy(ls), {}),
+    "wan21/diffusion-pipe": ("wan21", False, lambda t, ls: files.names_comfy(ls), {"style": "lora_A",
+                                                                                   "alpha_in": "baked"}),
+    "wan21/musubi": ("wan21", False, lambda t, ls: files.names_comfy(ls, "lora_unet_"), {}),
+    "wan21/peft": ("wan21", False, lambda t, ls: files.names_wan_diffusers(ls),
+                   {"style": "lora_A", "alpha_in": "metadata"}),
+    "wan21/peft-bare": ("wan21", False, lambda t, ls: files.names_wan_diffusers(ls, ""), {"style": "lora_A"}),
+    # HunyuanVideo: diffusion-pipe and musubi original names, and diffusers names (q/k/v on qkv rows).
+    "hunyuan_video/diffusion-pipe": ("hunyuan_video", False,
+                                     lambda t, ls: files.names_hunyuan_video_original(t.model, ls),
+                                     {"style": "lora_A", "alpha_in": "baked"}),
+    "hunyuan_video/transformer-original": ("hunyuan_video", False, lambda t, ls: files.names_hunyuan_video_original(
+        t.model, ls, "transformer."), {}),
+    "hunyuan_video/musubi": ("hunyuan_video", False,
+                             lambda t, ls: files.names_hunyuan_video_original(t.model, ls, "lora_unet_"), {}),
+    "hunyuan_video/peft": ("hunyuan_video", True, lambda t, ls: files.names_hunyuan_video_diffusers(t.model, ls),
+                           {"style": "lora_A", "alpha_in": "metadata", "swap": files.swapped_in_diffusers}),
+    # LTX-Video: original names (ComfyUI's) and diffusers names.
+    "ltxv/comfy": ("ltxv", False, lambda t, ls: files.names_comfy(ls), {}),
+    "ltxv/kohya": ("ltxv", False, lambda t, ls: files.names_comfy(ls, "lora_unet_"), {}),
+    "ltxv/peft": ("ltxv", False, lambda t, ls: files.names_ltxv_diffusers(ls),
+                  {"style": "lora_A", "alpha_in": "metadata"}),
+}
+
+
+def _nameable(tiny, name_of, chosen):
+    """The (key, rows) the layout can name (a probe layer per target)."""
+    out = []
+    for key, rows in chosen:
+        probe = files.Layer(key, rows, torch.zeros(1, 1), torch.zeros(1, 1), None)
+        try:
+            name_of(tiny, [probe])
+        except KeyError:
+            continue
+        out.append((key, rows))
+    return out
+
+
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=pytest.mark.slow) if n.split("/")[0] in SLOW else n
+                                    for n in LAYOUTS])
+def test_every_layout_is_applied_exactly(layout, tmp_path):
+    family, cut, name_of, options = LAYOUTS[layout]
+    tiny = cm.build(family)
+    state = tiny.model.state_dict()
+    every = [(k, r) for k, r in files.targets(tiny.model, r"\.weight$", fused_rows(tiny) if cut else {})
+             if state[k].dim() == 2]
+    chosen = _nameable(tiny, name_of, every)
+    assert len(chosen) >= 0.6 * len(every), f"{layout}: only {len(chosen)} of {len(every)} weights named"
+    layers = files.random_layers(tiny.model, chosen, rank=lambda i: 2 + i % 3, alpha=lambda i: 1.0 + i % 4, seed=5)
+    if options.get("swap") == "diffusers":
+        options = dict(options, swap=_swapped(tiny))
+    path = files.write(tmp_path / "lora.safetensors", layers, name_of(tiny, layers), **options)
+    other = pair(tiny, tmp_path)[3]
+    w0 = cm.weights(tiny.patcher)
+    model = kc.apply(tiny.patcher, path, other, method="content")
+    comfy.model_management.load_models_gpu([model])
+    got = cm.weights(tiny.patcher)
+    expected = files.expected_weights(w0, [(layers, 1.0)])
+    adapted = {l.key for l in layers}
+    for key, value in got.items():
+        if key in adapted:
+            assert torch.allclose(value.double(), expected[key], rtol=1e-5, atol=1e-6), (layout, key)
+        else:
+            assert torch.equal(value, w0[key]), (layout, key)
+
+
+def test_full_weight_parts_switch_with_their_lora_and_stay_on_elsewhere(tmp_path):
+    tiny = cm.build("wan21")
+    content, style, _, _ = pair(tiny, tmp_path)
+    gen = torch.Generator().manual_seed(3)
+
+    def full_parts(layers, norm_block):
+        biases = {f"{l.module}.diff_b": 0.05 * torch.randn(l.B.shape[0], generator=gen) for l in layers}
+        norm = f"diffusion_model.blocks.{norm_block}.norm3"
+        return biases, {f"{norm}.diff": 0.05 * torch.randn(32, generator=gen),
+                        f"{norm}.diff_b": 0.05 * torch.randn(32, generator=gen)}
+
+    parts = {"content": full_parts(content, 0), "style": full_parts(style, 1)}
+    paths = {role: files.write(tmp_path / f"{role}-full.safetensors", layers, files.names_comfy(layers),
+                               extra={**parts[role][0], **parts[role][1]})
+             for role, layers in (("content", content), ("style", style))}
+    for method in ("content", "style"):
+        ours = cm.sample(tiny, kc.apply(tiny.patcher, paths["content"], paths["style"], method=method), steps=3)
+        assert close(ours, cm.sample(tiny, loader(tiny.patcher, paths[method]), steps=3)), method
+
+    log_path = tmp_path / "log.json"
+    ours = cm.sample(tiny, kc.apply(tiny.patcher, paths["content"], paths["style"], pattern="s", log_path=log_path),
+                     steps=4)
+    latent, by_place = None, {(l.key, l.rows): l for l in style}
+    for i, choices in enumerate(schedule_of(log_path)):
+        chosen, extra = [], {**parts["content"][1], **parts["style"][1]}  # norms: no choice there, always on
+        for c in content:
+            role = choices[c.module]
+            chosen.append(c if role == "content" else by_place[(c.key, c.rows)])
+            extra[f"{c.module}.diff_b"] = parts[role][0][f"{c.module}.diff_b"]
+        step_file = files.write(tmp_path / f"step{i}.safetensors", chosen, files.names_comfy(chosen), extra=extra)
+        latent = cm.sample(tiny, loader(tiny.patcher, step_file), steps=4, start_step=i, last_step=i + 1,
+                           latent=latent, disable_noise=latent is not None, force_full_denoise=i == 3)
+    assert relative_error(ours, latent) < 2e-6
