@@ -743,3 +743,84 @@ def test_full_weight_parts_switch_with_their_lora_and_stay_on_elsewhere(tmp_path
         latent = cm.sample(tiny, loader(tiny.patcher, step_file), steps=4, start_step=i, last_step=i + 1,
                            latent=latent, disable_noise=latent is not None, force_full_denoise=i == 3)
     assert relative_error(ours, latent) < 2e-6
+
+
+# --- strengths ------------------------------------------------------------------------------
+
+def test_strengths_scale_the_applied_delta_not_the_choice(tmp_path):
+    tiny = cm.build("wan21")
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    halved = kc.apply(tiny.patcher, content_file, style_file, method="content", content_strength=0.5)
+    assert close(cm.sample(tiny, halved, steps=3), cm.sample(tiny, loader(tiny.patcher, content_file, 0.5), steps=3))
+    plain = kc.attached(kc.apply(tiny.patcher, content_file, style_file, pattern="s"))
+    scaled = kc.attached(kc.apply(tiny.patcher, content_file, style_file, pattern="s", content_strength=3.0,
+                                  style_strength=0.25))
+    assert [plain.choices_at(i / 8) for i in range(8)] == [scaled.choices_at(i / 8) for i in range(8)]
+    assert scaled.gamma == plain.gamma  # the log's statistics are the files' own
+
+
+# --- the nodes, as ComfyUI calls them --------------------------------------------------------
+
+@pytest.fixture
+def comfy_folders(tmp_path):
+    """ComfyUI's loras and output folders pointed at temporary ones (never the checkout's)."""
+    import folder_paths
+
+    loras, output = tmp_path / "loras", tmp_path / "output"
+    loras.mkdir()
+    output.mkdir()
+    saved_loras, saved_output = folder_paths.folder_names_and_paths["loras"], folder_paths.get_output_directory()
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], saved_loras[1])
+    folder_paths.filename_list_cache.pop("loras", None)
+    folder_paths.set_output_directory(str(output))
+    try:
+        yield loras, output
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = saved_loras
+        folder_paths.filename_list_cache.pop("loras", None)
+        folder_paths.set_output_directory(saved_output)
+
+
+def test_nodes_interface_and_a_workflow_with_every_input_set(comfy_folders, tmp_path):
+    from klora.comfyui_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    loras, output = comfy_folders
+    tiny = cm.build("wan21")
+    content, style, content_file, style_file = pair(tiny, loras)
+    node = NODE_CLASS_MAPPINGS["KLoRALoader"]
+    assert NODE_DISPLAY_NAME_MAPPINGS["KLoRALoader"] == "K-LoRA (content + style)"
+    inputs = node.INPUT_TYPES()
+    assert list(inputs["required"]) == ["model", "content_lora", "style_lora", "pattern", "alpha", "beta", "method",
+                                        "progress", "selection_log"]
+    assert list(inputs["optional"]) == ["content_strength", "style_strength"]
+    assert inputs["required"]["content_lora"][0] == ["content.safetensors", "style.safetensors"]
+    assert inputs["required"]["pattern"][0] == ["s*", "s"] and inputs["required"]["alpha"][1]["default"] == 1.5
+    assert inputs["required"]["method"][0] == ["klora", "merge", "content", "style"]
+    assert inputs["required"]["progress"][0] == ["steps", "percent"]
+    assert node.RETURN_TYPES == ("MODEL",) and node.CATEGORY.startswith("loaders")
+
+    (model,) = getattr(node(), node.FUNCTION)(model=tiny.patcher, content_lora="content.safetensors",
+                                              style_lora="style.safetensors", pattern="s*", alpha=1.5,
+                                              beta=inputs["required"]["beta"][1]["default"], method="klora",
+                                              progress="steps", selection_log="klora/log")
+    log_file = output / "klora" / "log_00001_.json"
+    assert json.loads(log_file.read_text())["generations"] == []  # written when the node runs...
+    latent = cm.sample(tiny, model, steps=4)
+    log = json.loads(log_file.read_text())  # ...and when each run ends
+    assert log["beta"] == pytest.approx(1.275) and log["pattern"] == "s*" and len(log["generations"]) == 1
+    assert log["content"] == "content LoRA 'content.safetensors'"
+
+    mapper = NODE_CLASS_MAPPINGS["KLoRASelectionMap"]
+    assert NODE_DISPLAY_NAME_MAPPINGS["KLoRASelectionMap"] == "K-LoRA selection map"
+    (image,) = getattr(mapper(), mapper.FUNCTION)(model=model, samples={"samples": latent})
+    assert image.dtype == torch.float32 and image.dim() == 4 and image.shape[0] == 1 and image.shape[3] == 3
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    colours = {tuple(pixel) for pixel in (image[0] * 255).round().int().reshape(-1, 3).unique(dim=0).tolist()}
+    assert (230, 120, 40) in colours and (40, 110, 200) in colours  # content and style cells
+
+    with pytest.raises(KLoRAError, match="style LoRA 'missing.safetensors': no such file"):
+        node().load(tiny.patcher, "content.safetensors", "missing.safetensors", "s", 1.5, -1.0, "klora", "steps", "")
+    with pytest.raises(KLoRAError, match="must be a file-name prefix inside ComfyUI's output folder"):
+        node().load(tiny.patcher, "content.safetensors", "style.safetensors", "s", 1.5, -1.0, "klora", "steps", "../x")
+    with pytest.raises(KLoRAError, match="has no K-LoRA"):
+        mapper().render(tiny.patcher, {"samples": latent})
