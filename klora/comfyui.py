@@ -200,24 +200,29 @@ def read_parts(model, path, role: str, label: str | None = None) -> tuple[dict[s
                          f"(e.g. '{image[0]}'): {formats.OPTIONAL_LAYERS['WanLoraLoaderMixin'][1]}")
             unmapped = [k for k in unmapped if k not in image]
     if unmapped:
-        what = "none of its keys map" if not loaded else f"{len(unmapped)} of its {len(tensors)} keys map"
-        examples = ", ".join(f"'{k}'" for k in unmapped[:3])
-        raise LoRAError(f"{label}: {what} to no weight of this {type(model).__name__} model (e.g. {examples}); "
-                        f"{_family_hint(tensors)}")
+        layers = list(dict.fromkeys(k[: m.start()] if (m := formats.COMFY_KEY_ENDINGS.search(k)) else k
+                                    for k in unmapped))
+        examples = ", ".join(f"'{k}'" for k in layers[:3])
+        if not loaded:
+            raise LoRAError(f"{label}: none of its layers maps to a weight of this {_model_name(model)} model "
+                            f"(e.g. {examples}); {_family_hint(tensors, model)}")
+        raise LoRAError(f"{label}: {len(layers)} of its {max(len(names), len(layers))} layers map to no weight of "
+                        f"this {_model_name(model)} model (e.g. {examples}); K-LoRA applies a LoRA whole or not at all")
 
     parts: dict[str, list[Part]] = {}
-    names_of = {}
-    for name, target in key_map.items():
-        names_of.setdefault(_target_key(target), name)
+    names_of = {}  # target -> the file's module name, for messages
+    for name in names:
+        if name in key_map:
+            names_of.setdefault(key_map[name], name)
     for target, patch in loaded.items():
         key, offset, function = (target, None, None) if isinstance(target, str) else \
             (target[0], target[1], target[2] if len(target) > 2 else None)
-        name = names_of.get(key, key)
+        name = names_of.get(target, key)
         if key not in state:
-            raise LoRAError(f"{label}: layer '{name}' maps to '{key}', which this {type(model).__name__} model "
-                            f"does not have; {_family_hint(tensors)}")
+            raise LoRAError(f"{label}: layer '{name}' maps to '{key}', which this {_model_name(model)} model "
+                            f"does not have; {_family_hint(tensors, model)}")
         part = Part(role, key, patch, offset, function, name, _rank(patch, label, name))
-        _check_shape(part, state[key], key, label, tensors)
+        _check_shape(part, state[key], key, label)
         parts.setdefault(key, []).append(part)
     if not any(p.low_rank for ps in parts.values() for p in ps):
         raise LoRAError(f"{label}: has no low-rank layer for this model (only full-weight deltas?); K-LoRA "
@@ -330,14 +335,14 @@ class KLoRA:
             self.labels[role] = label
             for line in notes:
                 logger.warning(line)
-        self._build_units(model, parts)
+        self._build_units(model, parts, patcher.load_device)
         self.generations: list[dict] = []
         self._run = None
         self.save_log()
 
     # --- setup ---
 
-    def _build_units(self, model, parts) -> None:
+    def _build_units(self, model, parts, device) -> None:
         state = model.state_dict()
         slices = row_slices(model)
         modules: dict[str, dict[str, list[Part]]] = {}
@@ -351,7 +356,6 @@ class KLoRA:
         self.stats: dict[str, rule.LayerStats] = {}
         self.only: dict[str, str] = {}
         self._chosen: list[tuple[_Unit, int, str]] = []  # (unit, range index, log key), in model order
-        device = torch.device("cpu")
         for module in sorted(modules, key=_model_order(state)):
             keys = modules[module]
             weight_key = next((k for k in (f"{module}.weight", module) if k in state), next(iter(keys)))
@@ -360,8 +364,7 @@ class KLoRA:
             if any(p.function is not None or (p.offset is not None and p.offset[0] != 0)
                    for ps in keys.values() for p in ps):
                 unit.slices = [(0, rows)]  # rows reordered or cut along another dimension: one layer
-            for index in range(len(unit.slices)):
-                unit.applied.append(self._fixed_roles(unit, index, weight_key, state, device))
+            unit.applied = self._unit_roles(unit, weight_key, state, device)
             self.units.append(unit)
         self.gamma = rule.gamma_from_ratios([self.stats[key].ratio for _, _, key in self._chosen])
         self._content_topk = torch.tensor([self.stats[k].content_topk_sum for _, _, k in self._chosen],
@@ -374,38 +377,48 @@ class KLoRA:
             logger.warning("K-LoRA: the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
                            "choose, each LoRA is applied on its own layers")
 
-    def _fixed_roles(self, unit, index, weight_key, state, device) -> frozenset:
-        """What range ``index`` of ``unit`` applies under this method (under "klora": until the first
-        choice); records the rule's statistics of ranges both LoRAs adapt."""
-        start, stop = unit.slices[index]
-        present = {p.role for ps in unit.keys.values() for p in ps
-                   if _overlaps(p.rows(_length(state, p.key)), (start, stop))}
+    def _unit_roles(self, unit, weight_key, state, device) -> list[frozenset]:
+        """What each range of ``unit`` applies under this method (under "klora", until the first choice);
+        records the rule's statistics of the ranges both LoRAs adapt with low-rank parts."""
+        rows = _length(state, weight_key)
+        present = [frozenset(p.role for ps in unit.keys.values() for p in ps
+                             if _overlaps(p.rows(_length(state, p.key)), span)) for span in unit.slices]
         if self.method != "klora":
-            return frozenset(present)
-        low_rank = {role: [p for p in unit.keys.get(weight_key, []) if p.role == role and p.low_rank
-                           and _overlaps(p.rows(_length(state, weight_key)), (start, stop))] for role in ROLES}
-        adapting = [role for role in ROLES if low_rank[role]]
-        key = log_key(unit.module, unit.slices, index)
-        if len(adapting) == 1:
-            self.only[key] = adapting[0]
-            return frozenset(present)
-        if not adapting:
-            return frozenset(present)
-        k = sum(p.rank for p in low_rank["content"]) * sum(p.rank for p in low_rank["style"])
-        sums = {}
-        for role in ROLES:
-            delta = _delta(low_rank[role], state[weight_key], weight_key, device)[start:stop]
-            sums[role] = rule.magnitude_sums(delta.flatten(1).abs_() if delta.dim() > 1 else delta.abs_(), k)
-        zero = [role for role in ROLES if sums[role][1] == 0]
-        if zero:
-            used = "style" if zero == ["content"] else "content"
-            self.only[key] = used
-            return frozenset({used})
-        self.stats[key] = rule.LayerStats(k=k, content_topk_sum=sums["content"][0], style_topk_sum=sums["style"][0],
-                                          content_abs_sum=sums["content"][1], style_abs_sum=sums["style"][1])
-        unit.chosen.append(index)
-        self._chosen.append((unit, index, key))
-        return frozenset(ROLES)  # replaced by the first choice
+            return present
+        low_rank = [{role: [p for p in unit.keys.get(weight_key, []) if p.role == role and p.low_rank
+                            and _overlaps(p.rows(rows), span)] for role in ROLES} for span in unit.slices]
+        both = [i for i, parts in enumerate(low_rank) if all(parts.values())]
+        # K = r_c * r_s; a range two low-rank parts of one LoRA cover has the sum of their ranks.
+        ks = {i: math.prod(sum(p.rank for p in low_rank[i][role]) for role in ROLES) for i in both}
+        sums = {i: {} for i in both}
+        for role in ROLES if both else ():  # one dense delta of one LoRA in memory at a time
+            delta = _delta([p for p in unit.keys[weight_key] if p.role == role and p.low_rank], state[weight_key],
+                           weight_key, device)
+            for i in both:
+                start, stop = unit.slices[i]
+                sums[i][role] = rule.magnitude_sums(delta[start:stop].flatten(1).abs(), ks[i])
+            del delta
+        applied = []
+        for i, parts in enumerate(low_rank):
+            key = log_key(unit.module, unit.slices, i)
+            adapting = [role for role in ROLES if parts[role]]
+            if len(adapting) == 1:
+                self.only[key] = adapting[0]
+            if i not in both:
+                applied.append(present[i])
+                continue
+            zero = [role for role in ROLES if sums[i][role][1] == 0]
+            if zero:  # an all-zero update never competes: the other LoRA is used there
+                self.only[key] = "style" if zero == ["content"] else "content"
+                applied.append(frozenset({self.only[key]}))
+                continue
+            (content_topk, content_sum), (style_topk, style_sum) = sums[i]["content"], sums[i]["style"]
+            self.stats[key] = rule.LayerStats(k=ks[i], content_topk_sum=content_topk, style_topk_sum=style_topk,
+                                              content_abs_sum=content_sum, style_abs_sum=style_sum)
+            unit.chosen.append(i)
+            self._chosen.append((unit, i, key))
+            applied.append(frozenset(ROLES))  # replaced by the first choice
+        return applied
 
     def attach(self, patcher) -> None:
         """Put this K-LoRA's patches, wrappers and attachment on ``patcher`` (``apply`` made it a clone)."""
@@ -691,7 +704,7 @@ def _rank(patch, label, name) -> int | None:
     raise LoRAError(f"{label}: layer '{name}' is a '{kind}' patch, which K-LoRA cannot switch")
 
 
-def _check_shape(part: Part, weight, key: str, label: str, tensors) -> None:
+def _check_shape(part: Part, weight, key: str, label: str) -> None:
     target = list(weight.shape)
     if part.offset is not None:
         target[part.offset[0]] = int(part.offset[2])
@@ -705,16 +718,25 @@ def _check_shape(part: Part, weight, key: str, label: str, tensors) -> None:
     if not fits:
         shape = "x".join(str(s) for s in ([target[0], math.prod(target[1:])] if part.low_rank else target))
         raise LoRAError(f"{label}: layer '{part.name}' is {got} in the LoRA but {shape} in this model ('{key}'); "
-                        f"{_family_hint(tensors)}")
+                        "is it a LoRA for another model, or another size of this one?")
 
 
-def _family_hint(tensors) -> str:
+# ComfyUI's model classes -> the family names ``loras.guess_family`` speaks of.
+_FAMILY_NAMES = {"WAN21": "Wan", "HunyuanVideo": "HunyuanVideo", "LTXV": "LTX-Video", "Flux": "FLUX.1",
+                 "SD3": "Stable Diffusion 3", "QwenImage": "Qwen-Image", "SDXL": "Stable Diffusion XL",
+                 "BaseModel": "Stable Diffusion"}
+
+
+def _model_name(model) -> str:
+    return type(model).__name__
+
+
+def _family_hint(tensors, model) -> str:
     guess = loras.guess_family(tensors)
-    return f"its names look like a LoRA for {guess[0]}" if guess else "is it a LoRA for another model?"
-
-
-def _target_key(target) -> str:
-    return target if isinstance(target, str) else target[0]
+    ours = next((name for cls in type(model).__mro__ if (name := _FAMILY_NAMES.get(cls.__name__))), None)
+    if guess is None or ours in guess[1]:
+        return "is it a LoRA for another model?"
+    return f"its layer names are those of a {guess[0]} LoRA"
 
 
 def _length(state, key) -> int:

@@ -468,11 +468,12 @@ def test_broken_and_misfit_files_are_one_line_errors(tmp_path):
     refused(tiny, tmp_path, nan, "NaN")
     # Keys that map to nothing: never a partial LoRA.
     message = refused(tiny, tmp_path, {**good, **wan_layer("blocks.0.self_attn.nonexistent")},
-                      r"3 of its 6 keys map to no weight of this WAN21 model")
+                      r"1 of its 2 layers map to no weight of this WAN21 model .*whole or not at all")
     assert "blocks.0.self_attn.nonexistent" in message
     # Another model's LoRA: an SDXL file on Wan, a Wan layer of the wrong width.
     sdxl = wan_layer("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", prefix="unet.")
-    refused(tiny, tmp_path, sdxl, r"none of its keys map .*look like a LoRA for Stable Diffusion")
+    refused(tiny, tmp_path, sdxl, r"none of its layers maps to a weight of this WAN21 model .*those of a "
+                                  r"Stable Diffusion LoRA")
     refused(tiny, tmp_path, wan_layer("blocks.0.self_attn.q", cols=48), r"is 32x48 in the LoRA but 32x32 in this model")
 
 
