@@ -621,6 +621,8 @@ LAYOUTS = {
     "sdxl/diffusers-old": ("sdxl", False, _old_diffusers, {"style": "old"}),
     "sdxl/peft": ("sdxl", False, lambda t, ls: files.names_from_map(ls, _unet_map(t), "unet."),
                   {"style": "lora_A", "alpha_in": "metadata"}),
+    "sdxl/paper": ("sdxl", False, lambda t, ls: files.names_from_map(ls, _unet_map(t), "unet.unet."),
+                   {"style": "lora_A"}),  # the prefix of the original K-LoRA's SDXL files
     "sd15/peft-bare": ("sd15", False, lambda t, ls: files.names_from_map(ls, _unet_map(t), ""),
                        {"style": "lora_A"}),
     "sd15/kohya": ("sd15", False, lambda t, ls: _underscored(files.names_from_map(ls, _unet_map(t), ""), "lora_unet_"),
@@ -825,3 +827,23 @@ def test_nodes_interface_and_a_workflow_with_every_input_set(comfy_folders, tmp_
         node().load(tiny.patcher, "content.safetensors", "style.safetensors", "s", 1.5, -1.0, "klora", "steps", "../x")
     with pytest.raises(KLoRAError, match="has no K-LoRA"):
         mapper().render(tiny.patcher, {"samples": latent})
+
+
+def test_peft_lora_b_bias_is_a_bias_delta_scaled_like_its_layer(tmp_path):
+    tiny = cm.build("wan21")
+    chosen = files.targets(tiny.model, r"self_attn\.[qk]\.weight$")
+    layers = files.random_layers(tiny.model, chosen, rank=4, alpha=8.0, seed=4)
+    names = files.names_wan_diffusers(layers)
+    bias = {names[id(l)]: 0.1 * torch.randn(l.B.shape[0]) for l in layers}
+    path = files.write(tmp_path / "bias.safetensors", layers, names, style="lora_A", alpha_in="metadata",
+                       extra={f"{n}.lora_B.bias": b for n, b in bias.items()})
+    w0 = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    model = kc.apply(tiny.patcher, path, pair(tiny, tmp_path)[3], method="content")
+    comfy.model_management.load_models_gpu([model])
+    state = tiny.model.state_dict()
+    for l in layers:
+        expected = w0[l.key].double() + l.delta()
+        assert torch.allclose(state[l.key].double(), expected, atol=1e-6)
+        bias_key = l.module + ".bias"
+        assert torch.allclose(state[bias_key].double(), w0[bias_key].double() + l.scale * bias[names[id(l)]].double(),
+                              atol=1e-6)
