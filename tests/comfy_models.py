@@ -124,12 +124,12 @@ FAMILIES = {
 }
 
 
-def build(family: str, seed: int = 0, config_class: str | None = None) -> Tiny:
+def build(family: str, seed: int = 0, config_class: str | None = None, dtype=torch.float32) -> Tiny:
     """A tiny ``family`` model (``FAMILIES``) in a fresh ``ModelPatcher``, every weight seeded."""
     comfy = comfyui()
     class_name, unet_config, latent_shape, context, extra = FAMILIES[family]
     model_config = getattr(comfy.supported_models, config_class or class_name)(dict(unet_config))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     init_weights(model, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),

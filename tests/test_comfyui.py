@@ -209,10 +209,12 @@ def schedule_of(log_path, generation=-1):
     return [s["choices"] for s in json.loads(log_path.read_text())["generations"][generation]["steps"]]
 
 
-@pytest.mark.parametrize("family,cut", [("wan21", None), ("flux", True), ("flux", False), ("ltxv", None),
-                                        ("qwen_image", None), pytest.param("sdxl", None, marks=pytest.mark.slow)])
-def test_klora_run_equals_comfyui_loader_step_by_step(family, cut, tmp_path):
-    tiny = cm.build(family)
+@pytest.mark.parametrize("family,cut,dtype", [
+    ("wan21", None, "float32"), ("wan21", None, "bfloat16"), ("flux", True, "float32"), ("flux", False, "float32"),
+    ("flux", True, "float16"), ("ltxv", None, "float32"), ("qwen_image", None, "float32"),
+    pytest.param("sdxl", None, "float32", marks=pytest.mark.slow)])
+def test_klora_run_equals_comfyui_loader_step_by_step(family, cut, dtype, tmp_path):
+    tiny = cm.build(family, dtype=getattr(torch, dtype))
     content, style, content_file, style_file = pair(tiny, tmp_path, cut=cut)
     log_path = tmp_path / "log.json"
     model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", log_path=log_path)
