@@ -297,7 +297,6 @@ class _Unit:
     keys: dict[str, list[Part]]  # model key -> parts, both roles, in load order
     slices: list[tuple[int, int]]  # row ranges of the weight, each one layer of the rule
     applied: list[frozenset] = field(default_factory=list)  # roles applied in each range now
-    chosen: list[int] = field(default_factory=list)  # indices of ranges K-LoRA chooses in
 
 
 class KLoRA:
@@ -356,6 +355,7 @@ class KLoRA:
         self.stats: dict[str, rule.LayerStats] = {}
         self.only: dict[str, str] = {}
         self._chosen: list[tuple[_Unit, int, str]] = []  # (unit, range index, log key), in model order
+        self._zero_sides: list[str] = []  # the role with an all-zero update, per layer both adapt
         for module in sorted(modules, key=_model_order(state)):
             keys = modules[module]
             weight_key = next((k for k in (f"{module}.weight", module) if k in state), next(iter(keys)))
@@ -373,6 +373,11 @@ class KLoRA:
                                         dtype=torch.float64)
         if self.method == "klora":
             self._show(self._mask_at(0.0))
+        for role in ROLES:
+            if count := self._zero_sides.count(role):
+                other = "style" if role == "content" else "content"
+                logger.warning(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the "
+                               f"{other} LoRA is used there at every step")
         if not self._chosen and self.method == "klora":
             logger.warning("K-LoRA: the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
                            "choose, each LoRA is applied on its own layers")
@@ -409,13 +414,13 @@ class KLoRA:
                 continue
             zero = [role for role in ROLES if sums[i][role][1] == 0]
             if zero:  # an all-zero update never competes: the other LoRA is used there
+                self._zero_sides.extend(zero)
                 self.only[key] = "style" if zero == ["content"] else "content"
                 applied.append(frozenset({self.only[key]}))
                 continue
             (content_topk, content_sum), (style_topk, style_sum) = sums[i]["content"], sums[i]["style"]
             self.stats[key] = rule.LayerStats(k=ks[i], content_topk_sum=content_topk, style_topk_sum=style_topk,
                                               content_abs_sum=content_sum, style_abs_sum=style_sum)
-            unit.chosen.append(i)
             self._chosen.append((unit, i, key))
             applied.append(frozenset(ROLES))  # replaced by the first choice
         return applied

@@ -179,10 +179,11 @@ def test_logged_choices_stats_and_gamma_follow_the_rule(family, tmp_path):
 # --- the switching itself: step by step against ComfyUI's loader ------------------------
 
 def stepwise_reference(tiny, tmp_path, content, style, schedule, steps, before=(), after=(), patcher=None,
-                       first=0, last=None, latent=None, full_denoise=True, **sample_kwargs):
+                       first=0, last=None, latent=None, full_denoise=True, fixed=None, **sample_kwargs):
     """The latent of a run in which step i uses a model that ComfyUI's loader made from a file holding, per
-    layer, the LoRA ``schedule[i - first]`` chose there (``before``/``after``: LoRA files, or (file, strength),
-    loaded before and after it): one KSamplerAdvanced-style call per step, from ``first`` to ``last``."""
+    layer, the LoRA ``schedule[i - first]`` chose there (``fixed``: {layer: LoRA} where nothing is chosen;
+    ``before``/``after``: LoRA files, or (file, strength), loaded before and after it): one KSamplerAdvanced-style
+    call per step, from ``first`` to ``last``."""
     cut = fused_rows(tiny)
     content, style = split(content, cut), split(style, cut)
     by_place = {(l.key, l.rows): l for l in style}
@@ -192,7 +193,8 @@ def stepwise_reference(tiny, tmp_path, content, style, schedule, steps, before=(
         for c in content:
             key = c.log_key(c.key in cut)
             s = by_place.get((c.key, c.rows))
-            chosen.append(c if s is None or schedule[i - first][key] == "content" else s)
+            role = schedule[i - first].get(key) or (fixed or {}).get(key, "content")
+            chosen.append(c if s is None or role == "content" else s)
         model = patcher or tiny.patcher
         for path in before:
             model = loader(model, *(path if isinstance(path, tuple) else (path,)))
@@ -849,3 +851,23 @@ def test_peft_lora_b_bias_is_a_bias_delta_scaled_like_its_layer(tmp_path):
         bias_key = l.module + ".bias"
         assert torch.allclose(state[bias_key].double(), w0[bias_key].double() + l.scale * bias[names[id(l)]].double(),
                               atol=1e-6)
+
+
+def test_an_all_zero_side_never_competes_and_one_lora_layers_are_always_on(tmp_path, caplog):
+    tiny = cm.build("wan21")
+    content, style, _, _ = pair(tiny, tmp_path, same_layers=False)  # the style LoRA lacks content's first layer
+    content[1].B.zero_()  # and content's second layer is all zero
+    content_file = write_comfy(tiny, tmp_path / "zero.safetensors", content)
+    style_file = write_comfy(tiny, tmp_path / "style2.safetensors", style)
+    log_path = tmp_path / "log.json"
+    with caplog.at_level("WARNING"):
+        model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", log_path=log_path)
+    assert "1 layers both LoRAs adapt are all zero in the content LoRA" in caplog.text
+    cm.sample(tiny, model, steps=4)
+    log = json.loads(log_path.read_text())
+    assert log["only"] == {content[0].module: "content", content[1].module: "style"}
+    stats = files.pair_stats(content[2:], style[1:], lambda l: False)
+    assert set(log["layers"]) == set(stats)
+    assert math.isclose(log["gamma"], files.expected_gamma([s["ratio"] for s in stats.values()]), rel_tol=1e-6)
+    expected = stepwise_reference(tiny, tmp_path, content, style, schedule_of(log_path), 4, fixed=log["only"])
+    assert relative_error(cm.sample(tiny, model, steps=4), expected) < 2e-6
