@@ -61,8 +61,11 @@ Progress
     next step's sigma gets that step's choice. ``percent``: p = ComfyUI's sampling percent of the
     step's sigma (the inverse of ``model_sampling.percent_to_sigma``, by bisection), the scale of
     ``start_percent``/``end_percent``: it continues across split samplers (Wan 2.2's two
-    KSamplerAdvanced) and places a denoise < 1 run where its noise is. An ``OUTER_SAMPLE`` wrapper
-    starts a generation in the selection log per sampling run and writes the log when it ends.
+    KSamplerAdvanced) and places a denoise < 1 run where its noise is. The choice of every step is
+    worked out once per run, from ``sample_sigmas``. An ``OUTER_SAMPLE`` wrapper marks each sampling
+    run (its first model call opens a generation in the selection log) and writes the log when the
+    run ends. The log has the command line's schema; its ``switching`` is "comfyui" (weights
+    recomputed from ComfyUI's backup; lowvram modules at every forward).
 """
 
 from __future__ import annotations
