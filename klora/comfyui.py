@@ -461,7 +461,10 @@ class KLoRA:
 
     def choices_at(self, progress: float) -> dict[str, str]:
         """Which LoRA each chosen layer uses at ``progress``."""
-        return {key: ("content" if c else "style") for (_, _, key), c in zip(self._chosen, self._mask_at(progress))}
+        return self._choices(self._mask_at(progress))
+
+    def _choices(self, mask) -> dict[str, str]:
+        return {key: ("content" if c else "style") for (_, _, key), c in zip(self._chosen, mask)}
 
     def _show(self, mask: tuple) -> list[_Unit]:
         """Set the chosen ranges to ``mask``; returns the units whose applied roles changed."""
@@ -513,10 +516,7 @@ class KLoRA:
             run.logged.add(step)
             self.generations[-1]["steps"].append({"step": step, "progress": progress,
                                                   "scale": self.scale_at(progress),
-                                                  "choices": self.choices_at_mask(run.masks[step])})
-
-    def choices_at_mask(self, mask) -> dict[str, str]:
-        return {key: ("content" if c else "style") for (_, _, key), c in zip(self._chosen, mask)}
+                                                  "choices": self._choices(run.masks[step])})
 
     # --- the log ---
 
