@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from video_lora_files import HUNYUAN_VIDEO_FUSED, HUNYUAN_VIDEO_SWAPPED, HUNYUAN_VIDEO_TO_ORIGINAL, WAN_TO_ORIGINAL
+from video_lora_files import HUNYUAN_VIDEO_FUSED, HUNYUAN_VIDEO_TO_ORIGINAL, WAN_TO_ORIGINAL
 
 
 @dataclass
@@ -184,21 +184,17 @@ def names_hunyuan_video_original(model, layers, prefix="diffusion_model."):
 def names_hunyuan_video_diffusers(model, layers, prefix="transformer."):
     originals = hunyuan_video_originals(model)
     whole = _inverse_template(HUNYUAN_VIDEO_TO_ORIGINAL)
-    fused = {}
-    for template, members in HUNYUAN_VIDEO_FUSED.items():
-        fused[template] = members
     rows = hunyuan_video_rows(model)
     out = {}
     for l in layers:
         original = originals[l.module.removeprefix("diffusion_model.")]
-        template = next((t for t in fused if re.fullmatch(re.escape(t).replace(re.escape("{i}"), r"(\d+)"), original)),
-                        None)
-        if template is None:
+        for template, members in HUNYUAN_VIDEO_FUSED.items():
+            m = re.fullmatch(re.escape(template).replace(re.escape("{i}"), r"(\d+)"), original)
+            if m:  # a q, k, v (or MLP) layer of a fused weight: its rows say which
+                out[id(l)] = prefix + members[rows[l.key].index(tuple(l.rows))].replace("{i}", m[1])
+                break
+        else:
             out[id(l)] = prefix + whole(original)
-            continue
-        index = re.fullmatch(re.escape(template).replace(re.escape("{i}"), r"(\d+)"), original)[1]
-        part = rows[l.key].index(tuple(l.rows))
-        out[id(l)] = prefix + fused[template][part].replace("{i}", index)
     return out
 
 
