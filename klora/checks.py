@@ -561,3 +561,30 @@ def _examples(items: list[str], count: int = 3) -> str:
 
 def _more(clashes: list) -> str:
     return f" ({len(clashes) - 1} more layers disagree likewise)" if len(clashes) > 1 else ""
+
+
+# --- alphas that live only in the metadata --------------------------------------
+
+def metadata_alphas(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, float]:
+    """{layer: alpha} for pair layers whose alpha only the diffusers/PEFT metadata gives (no ``.alpha`` key).
+
+    Loaders that read ``.alpha`` keys only (ComfyUI's) would use scale 1 for such layers; an
+    ``<layer>.alpha`` tensor with this value makes them apply ``alpha / rank`` as the file means it.
+    With ``use_rslora`` the value is ``alpha * sqrt(rank)``, so that ``value / rank = alpha / sqrt(rank)``.
+    Call ``check_file`` first: it refuses metadata that cannot be read or contradicts the tensors.
+    """
+    configs = _adapter_configs(metadata or {}, "metadata")
+    if not configs:
+        return {}
+    packed = json.loads(metadata["lora_adapter_metadata"])  # readable: _adapter_configs found configs in it
+    rslora = any(bool(v) for k, v in packed.items() if k.rpartition(".")[2] == "use_rslora")
+    layers = _parse(tensors).layers
+    out = {}
+    for name, (config, module) in _coverage(configs, layers).items():
+        layer = layers[name]
+        if "alpha" in layer.keys or "down" not in layer.keys:
+            continue
+        alpha, _ = _config_value(config, "alpha", module)
+        rank = tensors[layer.keys["down"]].shape[0]
+        out[name] = float(alpha) * math.sqrt(rank) if rslora else float(alpha)
+    return out

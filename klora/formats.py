@@ -505,3 +505,133 @@ def _summary(names, limit=8) -> str:
     parts = [f"{n} ({c})" if c > 1 else n for n, c in counts.most_common(limit)]
     return ", ".join(parts) + (f", ... ({len(counts) - limit} more)" if len(counts) > limit else "")
 
+
+
+# --- ComfyUI: module names its LoRA key map lacks ---------------------------------
+#
+# ComfyUI (0.3.64) maps a LoRA file's module names to its own weight keys with
+# ``comfy.lora.model_lora_keys_unet``. For Wan, HunyuanVideo and LTX-Video it maps only the original
+# (non-diffusers) names, and for the UNet models only the old attention-processor form of diffusers
+# names (``attn1.processor.to_q``), not the PEFT form (``attn1.to_q``). The tables below give the
+# original module for each diffusers module of those families; ``klora.comfyui`` turns an original
+# module into ComfyUI's key (ComfyUI keeps Wan's and LTX-Video's original names and renames
+# HunyuanVideo's with its own ``process_unet_state_dict``) and adds the entry to the key map, so that
+# ComfyUI's own loader reads the file. A key-map entry can also name rows of a weight, which is how a
+# diffusers q, k or v layer lands on the fused qkv weight of the original HunyuanVideo model.
+
+# diffusers module -> original Wan module (Wan2.1 repository, wan/modules/model.py); {i} is a block.
+WAN_FROM_DIFFUSERS = {
+    **{f"blocks.{{i}}.attn{n}.{d}": f"blocks.{{i}}.{attn}.{o}" for n, attn in ((1, "self_attn"), (2, "cross_attn"))
+       for d, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"),
+                    ("norm_k", "norm_k"))},
+    "blocks.{i}.attn2.add_k_proj": "blocks.{i}.cross_attn.k_img",
+    "blocks.{i}.attn2.add_v_proj": "blocks.{i}.cross_attn.v_img",
+    "blocks.{i}.ffn.net.0.proj": "blocks.{i}.ffn.0",
+    "blocks.{i}.ffn.net.2": "blocks.{i}.ffn.2",
+    "blocks.{i}.norm2": "blocks.{i}.norm3",  # the affine norm before cross-attention
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "patch_embedding": "patch_embedding",
+    "proj_out": "head.head",
+}
+
+# Rows of an original HunyuanVideo weight that one diffusers module is: "q", "k", "v" (each as many rows as
+# the weight has inputs, in that order), "mlp" (the rows after q, k and v: single blocks' linear1),
+# "swapped" (all rows, the two halves exchanged: the original final layer outputs (shift, scale),
+# diffusers' norm_out (scale, shift)), or None (the whole weight as it is).
+HUNYUAN_VIDEO_FROM_DIFFUSERS = {
+    **{f"transformer_blocks.{{i}}.attn.{d}": (f"double_blocks.{{i}}.{side}_attn_qkv", rows)
+       for side, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")))
+       for d, rows in zip(names, ("q", "k", "v"))},
+    "transformer_blocks.{i}.attn.to_out.0": ("double_blocks.{i}.img_attn_proj", None),
+    "transformer_blocks.{i}.attn.to_add_out": ("double_blocks.{i}.txt_attn_proj", None),
+    "transformer_blocks.{i}.norm1.linear": ("double_blocks.{i}.img_mod.linear", None),
+    "transformer_blocks.{i}.norm1_context.linear": ("double_blocks.{i}.txt_mod.linear", None),
+    "transformer_blocks.{i}.ff.net.0.proj": ("double_blocks.{i}.img_mlp.fc1", None),
+    "transformer_blocks.{i}.ff.net.2": ("double_blocks.{i}.img_mlp.fc2", None),
+    "transformer_blocks.{i}.ff_context.net.0.proj": ("double_blocks.{i}.txt_mlp.fc1", None),
+    "transformer_blocks.{i}.ff_context.net.2": ("double_blocks.{i}.txt_mlp.fc2", None),
+    **{f"single_transformer_blocks.{{i}}.{d}": ("single_blocks.{i}.linear1", rows)
+       for d, rows in (("attn.to_q", "q"), ("attn.to_k", "k"), ("attn.to_v", "v"), ("proj_mlp", "mlp"))},
+    "single_transformer_blocks.{i}.proj_out": ("single_blocks.{i}.linear2", None),
+    "single_transformer_blocks.{i}.norm.linear": ("single_blocks.{i}.modulation.linear", None),
+    **{f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{p}":
+       ("txt_in.individual_token_refiner.blocks.{i}.self_attn_qkv", p) for p in "qkv"},
+    **{f"context_embedder.token_refiner.refiner_blocks.{{i}}.{d}": (f"txt_in.individual_token_refiner.blocks.{{i}}.{o}",
+                                                                   None)
+       for d, o in (("attn.to_out.0", "self_attn_proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                    ("norm_out.linear", "adaLN_modulation.1"))},
+    "context_embedder.proj_in": ("txt_in.input_embedder", None),
+    "context_embedder.time_text_embed.timestep_embedder.linear_1": ("txt_in.t_embedder.mlp.0", None),
+    "context_embedder.time_text_embed.timestep_embedder.linear_2": ("txt_in.t_embedder.mlp.2", None),
+    "context_embedder.time_text_embed.text_embedder.linear_1": ("txt_in.c_embedder.linear_1", None),
+    "context_embedder.time_text_embed.text_embedder.linear_2": ("txt_in.c_embedder.linear_2", None),
+    "time_text_embed.timestep_embedder.linear_1": ("time_in.mlp.0", None),
+    "time_text_embed.timestep_embedder.linear_2": ("time_in.mlp.2", None),
+    "time_text_embed.guidance_embedder.linear_1": ("guidance_in.mlp.0", None),
+    "time_text_embed.guidance_embedder.linear_2": ("guidance_in.mlp.2", None),
+    "time_text_embed.text_embedder.linear_1": ("vector_in.in_layer", None),
+    "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", None),
+    "x_embedder.proj": ("img_in.proj", None),
+    "proj_out": ("final_layer.linear", None),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", "swapped"),
+}
+
+# diffusers LTX-Video renamed these parts of the original names (LTX-Video repository, the transformer).
+LTX_VIDEO_FROM_DIFFUSERS = (("proj_in", "patchify_proj"), ("time_embed.", "adaln_single."),
+                            (".norm_q", ".q_norm"), (".norm_k", ".k_norm"))
+
+# LoRA module names are file keys without these endings (the parts ComfyUI's loader reads).
+COMFY_KEY_ENDINGS = re.compile(
+    r"\.(lora_A(?:\.default)?\.weight|lora_B(?:\.default)?\.weight|lora_B\.bias|lora_down\.weight|lora_up\.weight"
+    r"|lora_mid\.weight|alpha|diff|diff_b|w_norm|b_norm|dora_scale|set_weight|reshape_weight)$")
+
+
+def original_module(family: str, module: str) -> tuple[str, str | None] | None:
+    """(original module, rows) for a diffusers module name of ``family`` ("wan", "hunyuan_video",
+    "ltx_video"), or None when the name is not one of its diffusers modules. ``rows`` is one of
+    ``HUNYUAN_VIDEO_FROM_DIFFUSERS``'s row kinds (always None for Wan and LTX-Video)."""
+    if family == "wan":
+        found = _lookup_template(module, WAN_FROM_DIFFUSERS)
+        return None if found is None else (found, None)
+    if family == "hunyuan_video":
+        for template, (original, rows) in HUNYUAN_VIDEO_FROM_DIFFUSERS.items():
+            m = re.fullmatch(_template_regex(template, "."), module)
+            if m:
+                return (original.replace("{i}", m[1]) if m.groups() else original), rows
+        return None
+    if family == "ltx_video":
+        renamed = module
+        for diffusers_part, original_part in LTX_VIDEO_FROM_DIFFUSERS:
+            renamed = renamed.replace(diffusers_part, original_part)
+        return renamed, None
+    return None
+
+
+def musubi_module(family: str, name: str) -> str | None:
+    """The original module a kohya/musubi-tuner name (``double_blocks_0_img_mod_linear``, without
+    ``lora_unet_``) is, for "hunyuan_video" and "wan"; None when it names none."""
+    templates = {"hunyuan_video": HUNYUAN_VIDEO_MODULES, "wan": WAN_MODULES}.get(family)
+    return None if templates is None else _match(name, templates, "_")
+
+
+def fused_rows(rows: str, in_features: int, out_features: int) -> tuple[int, int]:
+    """(first row, row count) of ``rows`` ("q", "k", "v", "mlp") in a fused weight of that shape."""
+    if rows == "mlp":
+        return 3 * in_features, out_features - 3 * in_features
+    return "qkv".index(rows) * in_features, in_features
+
+
+def _lookup_template(name: str, table: dict[str, str]) -> str | None:
+    for template, target in table.items():
+        m = re.fullmatch(_template_regex(template, "."), name)
+        if m:
+            return target.replace("{i}", m[1]) if m.groups() else target
+    return None
