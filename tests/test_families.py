@@ -399,6 +399,29 @@ def test_fused_and_adapters_agree_and_detach_restores_every_bit(tiny, family_lor
     np.testing.assert_array_equal(generate(pipe, key), plain)
 
 
+@pytest.mark.parametrize("key", FAMILIES)
+def test_an_extra_lora_applies_at_its_scale_in_both_switching_modes(tiny, family_loras, key):
+    """Issue 15 on every family: the style file as an always-on extra LoRA at 0.6 beside method=content."""
+    pipe = load(tiny(key))
+    content_file, style_file, content, style = family_loras(key)
+    t = pipe.transformer
+    state = snapshot(t)
+    modules = dict(t.named_modules())
+    images = {}
+    for switching in ("fused", "adapters"):
+        klora = KLoRA(pipe, content_file, style_file, method="content", switching=switching,
+                      extra_loras=[(style_file, 0.6)])
+        if switching == "fused":
+            for path in set(content) | set(style):
+                want = (content[path][0] if path in content else 0) + 0.6 * (style[path][0] if path in style else 0)
+                got = modules[path].weight.double() - state[f"{path}.weight"].double()
+                torch.testing.assert_close(got.flatten(1), want, rtol=0, atol=2e-6)
+        images[switching] = generate(pipe, key)
+        klora.detach()
+        assert untouched(t, state), switching
+    assert np.abs(images["fused"] - images["adapters"]).max() < 1e-5
+
+
 # --- 5. every format diffusers converts for the family --------------------------------
 
 
