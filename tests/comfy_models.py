@@ -21,7 +21,7 @@ import torch
 ENV = "COMFYUI_PATH"
 HOW_TO_RUN = (f"set {ENV} to a ComfyUI checkout (0.3.64 tested) and run with a Python that has ComfyUI's "
               "requirements (torch + torchvision), e.g. COMFYUI_PATH=/path/to/ComfyUI python -m pytest "
-              "tests/test_comfyui.py")
+              "tests/test_comfyui*.py (see docs/comfyui.md)")
 
 
 def why_not_available() -> str | None:
