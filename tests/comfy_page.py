@@ -45,6 +45,18 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Release.Version": "9.9.9",
             "Comfy.Release.Status": "skipped", "Comfy.Validation.Workflows": True, "Comfy.Graph.CanvasInfo": False}
 
 
+def chromium() -> str | None:
+    return shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def has_playwright() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def api_workflows() -> dict[str, dict]:
     return {path.name.removesuffix("_api.json"): json.loads(path.read_text())
             for path in sorted(WORKFLOWS.glob("*_api.json"))}
@@ -96,7 +108,7 @@ def strip(prompt: dict) -> dict:
 
 
 def open_page(playwright, server):
-    browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+    browser = playwright.chromium.launch(executable_path=chromium(),
                                          headless=True, args=CHROMIUM_FLAGS)
     page = browser.new_page(viewport={"width": 1500, "height": 820}, device_scale_factor=1)
     PAGE_URL[:] = [server.url]

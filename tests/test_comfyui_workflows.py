@@ -31,6 +31,7 @@ if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
 import comfy_lora_files as files  # noqa: E402
+import comfy_page  # noqa: E402
 import comfy_models as cm  # noqa: E402
 import comfy_server as cs  # noqa: E402
 
@@ -65,6 +66,9 @@ def ui(name) -> dict:
 def server(tmp_path_factory):
     before = cs.checkout_state(cm.checkout())
     server = cs.Server(tmp_path_factory.mktemp("comfyui"))
+    settings = server.base / "user" / "default" / "comfy.settings.json"  # the page checks workflows it loads
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps(comfy_page.SETTINGS))
     server.start()
     try:
         yield server
@@ -136,6 +140,28 @@ def test_every_klora_node_sets_every_public_input(name, object_info):
         if node["type"] == "KLoRALoader":
             assert len(node["widgets_values"]) == len(widgets) and set(PUBLIC) - {"model"} <= set(widgets)
             assert [i["name"] for i in node["inputs"] if i.get("link") is not None] == ["model"]
+
+
+@pytest.mark.slow
+def test_the_page_loads_each_ui_workflow_to_its_api_twin(server):
+    """ComfyUI's own page (headless Chromium) loads each UI file, schema-checked, and turns it into the API file."""
+    if not (comfy_page.chromium() and comfy_page.has_playwright()):
+        pytest.skip("needs Chromium and the playwright package (requirements-dev.txt), as tests/test_browser.py")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser, page = comfy_page.open_page(playwright, server)
+        try:
+            for name in NAMES:
+                prompt = json.loads(page.evaluate("""async ([workflow, name]) => {
+                    await app.loadGraphData(workflow, true, true, name);
+                    return JSON.stringify((await app.graphToPrompt()).output);
+                }""", [ui(name), name]))
+                page.wait_for_timeout(300)
+                assert "Invalid workflow" not in page.content(), name
+                assert comfy_page.strip(prompt) == comfy_page.strip(api(name)), name
+        finally:
+            browser.close()
 
 
 def test_every_example_has_both_forms():
