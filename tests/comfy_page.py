@@ -173,11 +173,15 @@ def save_screenshot(browser) -> None:
     print(f"wrote {SCREENSHOT.relative_to(ROOT)}: {box['width']}x{box['height']}")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workflows", action="store_true", help="write workflows/<name>.json only")
     parser.add_argument("--screenshot", action="store_true", help="write pictures/comfyui_node.png only")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     both = not (args.workflows or args.screenshot)
 
     import comfy_models as cm

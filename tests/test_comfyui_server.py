@@ -171,8 +171,7 @@ def test_one_ksampler_equals_the_in_process_run_and_logs_the_rules_choices(serve
     entry = server.run(workflow)
     ours = saved_latent(server, entry, "save")
 
-    tiny, path = models["wan_tiny.safetensors"]
-    model = reference_model(path)
+    model = reference_model(models["wan_tiny.safetensors"][1])
     expected = reference_sample(kc.apply(model, server.loras / "content.safetensors",
                                          server.loras / "style.safetensors", pattern="s"), empty_latent())
     assert ours.shape == expected["samples"].shape == (1, 16, 2, 8, 8)
@@ -191,11 +190,11 @@ def test_one_ksampler_equals_the_in_process_run_and_logs_the_rules_choices(serve
     (generation,) = log["generations"]
     assert [s["step"] for s in generation["steps"]] == [0, 1, 2, 3]
     used = set()
-    for entry_ in generation["steps"]:
-        scale = files.expected_scale(entry_["progress"], "s", 1.5, 0.5)
-        assert entry_["choices"] == {key: files.expected_choice(s, gamma, scale) for key, s in stats.items()}
-        used |= {(key, role) for key, role in entry_["choices"].items()}
-    assert {role for _, role in used} == {"content", "style"}, "the pair should use both LoRAs during the run"
+    for step in generation["steps"]:
+        scale = files.expected_scale(step["progress"], "s", 1.5, 0.5)
+        assert step["choices"] == {key: files.expected_choice(s, gamma, scale) for key, s in stats.items()}
+        used |= set(step["choices"].values())
+    assert used == {"content", "style"}, "the pair should use both LoRAs during the run"
     no_unloaded_keys(server)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,28 @@ def test_the_page_loads_each_ui_workflow_to_its_api_twin(server):
                 assert comfy_page.strip(prompt) == comfy_page.strip(api(name)), name
         finally:
             browser.close()
+
+
+def test_the_docs_table_of_the_node_matches_what_the_server_reports(object_info):
+    """docs/comfyui.md's table of inputs: the node's inputs in order, optional ones marked, and their defaults."""
+    section = (ROOT / "docs" / "comfyui.md").read_text().split("\n## The node\n", 1)[1].split("\n## ", 1)[0]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| `")]
+    rows = [(*re.fullmatch(r"`(\w+)`( \(optional\))?", row[0]).groups(), row[2]) for row in cells]
+    info = object_info["KLoRALoader"]
+    order = info["input_order"]
+    assert [name for name, _, _ in rows] == order["required"] + order["optional"]
+    for name, optional, default in rows:
+        part = "optional" if optional else "required"
+        assert name in order[part], name
+        kind, options = info["input"][part][name][0], info["input"][part][name][1]
+        if isinstance(kind, list) and default:  # a combo: its default is the first value unless it names one
+            assert default == f"`{options.get('default', kind[0])}`", name
+        elif isinstance(kind, list):  # the LoRA files: no default
+            assert name.endswith("_lora") and "default" not in options, name
+        elif kind == "FLOAT":
+            assert float(default) == options["default"], name
+        elif kind == "STRING":
+            assert options["default"] == "" and default == "empty", name
 
 
 def test_every_example_has_both_forms():
