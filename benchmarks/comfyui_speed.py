@@ -261,7 +261,8 @@ def main(argv=None):
     models = {name: build(comfy, config) for name in ("twin", "base", "one", "klora", "merge")}
     twin = models["twin"]
     parameters = sum(p.numel() for p in twin.model.diffusion_model.parameters())
-    folder = Path(tempfile.mkdtemp(prefix="klora-comfyui-speed-"))
+    temporary = tempfile.TemporaryDirectory(prefix="klora-comfyui-speed-")  # the LoRA files, removed at exit
+    folder = Path(temporary.name)
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
     content, style = write_loras(twin, folder, args.rank)
     log(f"ComfyUI SDXL UNet (comfy.supported_models.SDXL, widths x {args.width_scale:g}: "
