@@ -44,12 +44,13 @@ When weights change
     An ``APPLY_MODEL`` wrapper (every family has one) runs before each model call. It reads the
     step's sigma and this sampler run's ``sample_sigmas`` from ``transformer_options``, works out
     the progress, and when the choice of a layer changed it recomputes that layer's keys from
-    ComfyUI's backup of the original weight: it puts the backup back, then calls
-    ``ModelPatcher.patch_weight_to_device`` (float32 math, ComfyUI's rounding), exactly as a load
-    does; nothing is ever subtracted. A layer switches at most about twice per run. Keys ComfyUI
-    has not patched in place (lowvram ``LowVramPatch`` modules) are recomputed by ComfyUI at every
-    forward and follow the current choice by themselves. Unloading, reloading, clones and other
-    LoRA nodes need nothing else: whatever ComfyUI computes reads the current choice. The state
+    ComfyUI's backup of the original weight with the arithmetic of
+    ``ModelPatcher.patch_weight_to_device`` (a float32 copy of the original, ``comfy.lora.calculate_weight``
+    over the key's patches, ComfyUI's rounding), bit-identical to a load; nothing is ever subtracted.
+    A layer switches at most about twice per run. Keys ComfyUI has not patched in place (lowvram
+    ``LowVramPatch`` modules) are recomputed by ComfyUI at every forward and follow the current choice
+    by themselves. Unloading, reloading, clones and other LoRA nodes need nothing else: whatever
+    ComfyUI computes reads the current choice. The state
     lives on the ``KLoRA`` object (patch objects point at it, ``set_attachments("klora", ...)``),
     never in globals or ``model_options``.
 
@@ -81,9 +82,12 @@ from pathlib import Path
 
 import torch
 
+import comfy.float
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 import comfy.weight_adapter
@@ -641,8 +645,17 @@ def log_key(module: str, slices, index: int) -> str:
 
 
 def _repatch(patcher, keys) -> None:
-    """Recompute ``keys`` from ComfyUI's backup exactly as a load does (keys not patched in place
-    are lowvram modules, which ComfyUI recomputes at every forward)."""
+    """Recompute ``keys`` from ComfyUI's backup with the arithmetic of a load (keys not patched in place
+    are lowvram modules, which ComfyUI recomputes at every forward).
+
+    What ``ModelPatcher.patch_weight_to_device`` does, bit for bit: a float32 copy of the original weight,
+    ``comfy.lora.calculate_weight`` over the key's patches, ComfyUI's rounding to the weight's dtype. Two
+    costs of that call are left out, since a switch pays them for every layer it changes (a third and a
+    fifth of a re-patch on a small model): the rounding seed, a Python loop over the key's characters that
+    only fp8's stochastic rounding reads, and a new ``Parameter`` per key (the result is copied into the
+    patched weight, which never shares memory with the backup). Weights ComfyUI writes through a function
+    of their layer (scaled fp8) take ComfyUI's own path.
+    """
     if patcher is None:
         return
     model = patcher.model
@@ -650,12 +663,21 @@ def _repatch(patcher, keys) -> None:
         backup = patcher.backup.get(key)
         if backup is None or key not in patcher.patches:
             continue
-        device = comfy.utils.get_attr(model, key).device
+        weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model, key)
+        if set_func is None and convert_func is None and weight.data_ptr() != backup.weight.data_ptr():
+            original = comfy.model_management.cast_to_device(backup.weight, weight.device, torch.float32, copy=True)
+            out = comfy.lora.calculate_weight(patcher.patches[key], original, key)
+            seed = 0 if weight.dtype in _UNSEEDED else comfy.model_patcher.string_to_seed(key)
+            weight.data.copy_(comfy.float.stochastic_rounding(out, weight.dtype, seed=seed))
+            continue
         if backup.inplace_update:
             comfy.utils.copy_to_param(model, key, backup.weight)
         else:
             comfy.utils.set_attr_param(model, key, backup.weight)
-        patcher.patch_weight_to_device(key, device_to=device, inplace_update=backup.inplace_update)
+        patcher.patch_weight_to_device(key, device_to=weight.device, inplace_update=backup.inplace_update)
+
+
+_UNSEEDED = (torch.float32, torch.float16, torch.bfloat16)  # dtypes comfy.float.stochastic_rounding casts to
 
 
 def _load(tensors, key_map):

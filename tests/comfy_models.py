@@ -21,7 +21,7 @@ import torch
 ENV = "COMFYUI_PATH"
 HOW_TO_RUN = (f"set {ENV} to a ComfyUI checkout (0.3.64 tested) and run with a Python that has ComfyUI's "
               "requirements (torch + torchvision), e.g. COMFYUI_PATH=/path/to/ComfyUI python -m pytest "
-              "tests/test_comfyui.py")
+              "tests/test_comfyui*.py (see docs/comfyui.md)")
 
 
 def why_not_available() -> str | None:
@@ -38,9 +38,14 @@ def why_not_available() -> str | None:
     return None
 
 
+def checkout() -> Path:
+    """The ComfyUI checkout ``COMFYUI_PATH`` names."""
+    return Path(os.environ[ENV]).resolve()
+
+
 def comfyui():
     """Import ComfyUI in this process on the CPU; returns the ``comfy`` package."""
-    path = str(Path(os.environ[ENV]).resolve())
+    path = str(checkout())
     if path not in sys.path:
         sys.path.insert(0, path)
     import comfy.options
@@ -124,11 +129,13 @@ FAMILIES = {
 }
 
 
-def build(family: str, seed: int = 0, config_class: str | None = None, dtype=torch.float32) -> Tiny:
-    """A tiny ``family`` model (``FAMILIES``) in a fresh ``ModelPatcher``, every weight seeded."""
+def build(family: str, seed: int = 0, config_class: str | None = None, dtype=torch.float32,
+          unet_overrides: dict | None = None) -> Tiny:
+    """A tiny ``family`` model (``FAMILIES``) in a fresh ``ModelPatcher``, every weight seeded.
+    ``unet_overrides``: entries of its unet_config to change (e.g. FLUX's channels for a 16-channel latent)."""
     comfy = comfyui()
     class_name, unet_config, latent_shape, context, extra = FAMILIES[family]
-    model_config = getattr(comfy.supported_models, config_class or class_name)(dict(unet_config))
+    model_config = getattr(comfy.supported_models, config_class or class_name)({**unet_config, **(unet_overrides or {})})
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     init_weights(model, seed)

@@ -229,6 +229,37 @@ def test_klora_run_equals_comfyui_loader_step_by_step(family, cut, dtype, tmp_pa
     assert relative_error(ours, expected) < 2e-6, relative_error(ours, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_a_switch_writes_what_comfyuis_own_patch_writes(dtype, tmp_path):
+    """A switch's re-patch (``klora.comfyui._repatch``, which skips ComfyUI's per-key seed and new Parameter)
+    leaves every weight bit-identical to ComfyUI's own ``patch_weight_to_device`` from the backup; fp8
+    weights go through ComfyUI's seeded stochastic rounding."""
+    tiny = cm.build("wan21")
+    _, _, content, style = pair(tiny, tmp_path, pattern=r"(_attn\.[qkvo]|ffn\.0)\.weight$")
+    with torch.no_grad():
+        for name, parameter in tiny.model.diffusion_model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.data = parameter.data.to(dtype)
+    model = kc.apply(tiny.patcher, content, style, pattern="s")
+    with torch.inference_mode():  # as ComfyUI runs a workflow
+        comfy.model_management.load_models_gpu([model])
+        klora = kc.attached(model)
+        first = klora._mask_at(0.0)
+        changed = klora._show(tuple(not c for c in first))  # every chosen layer switches
+        keys = [key for unit in changed for key in unit.keys]
+        assert len(keys) == len(klora.paths) > 0
+        kc._repatch(model, keys)
+        ours = {key: comfy.utils.get_attr(tiny.model, key).detach().clone() for key in keys}
+        for key in keys:  # ComfyUI's own: the original weight back, then its patch_weight_to_device
+            comfy.utils.set_attr_param(tiny.model, key, model.backup[key].weight)
+            model.patch_weight_to_device(key, device_to=torch.device("cpu"))
+    for key in keys:
+        theirs = comfy.utils.get_attr(tiny.model, key)
+        assert ours[key].dtype == theirs.dtype == dtype
+        assert torch.equal(ours[key].view(torch.uint8), theirs.view(torch.uint8)), key
+        assert not torch.equal(ours[key].float(), model.backup[key].weight.float()), "the LoRA changed nothing"
+
+
 def lowvram(patcher, memory_fraction=0.4):
     """A clone that ComfyUI loads partially (lowvram: the rest through ``LowVramPatch`` at every forward).
 
