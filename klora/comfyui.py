@@ -44,10 +44,15 @@ When weights change
     An ``APPLY_MODEL`` wrapper (every family has one) runs before each model call. It reads the
     step's sigma and this sampler run's ``sample_sigmas`` from ``transformer_options``, works out
     the progress, and when the choice of a layer changed it recomputes that layer's keys from
-    ComfyUI's backup of the original weight with the arithmetic of
-    ``ModelPatcher.patch_weight_to_device`` (a float32 copy of the original, ``comfy.lora.calculate_weight``
-    over the key's patches, ComfyUI's rounding), bit-identical to a load; nothing is ever subtracted.
-    A layer switches at most about twice per run. Keys ComfyUI has not patched in place (lowvram
+    ComfyUI's backup of the original weight with the arithmetic of ``ModelPatcher.patch_weight_to_device``
+    (a float32 copy of the original, the key's patches, ComfyUI's rounding), bit-identical to a load;
+    nothing is ever subtracted, so switching back and forth never drifts. A key only K-LoRA patches
+    skips the layers of ``comfy.lora.calculate_weight`` around the same arithmetic (a switch would pay
+    them for every layer it changes), and under method klora a low-rank part of a float32 weight is one
+    ``addmm_`` (the product summed in and rounded once, where ComfyUI's ``LoRAAdapter`` rounds it
+    first: at most a float32 ulp apart; loads, lowvram forwards and switches all use it, so a layer holds
+    the same bits however it got its choice; content / style / merge keep ComfyUI's own arithmetic and
+    equal its loaders bit for bit). A layer switches at most about twice per run. Keys ComfyUI has not patched in place (lowvram
     ``LowVramPatch`` modules) are recomputed by ComfyUI at every forward and follow the current choice
     by themselves. Unloading, reloading, clones and other LoRA nodes need nothing else: whatever
     ComfyUI computes reads the current choice. The state
@@ -172,6 +177,30 @@ class Part:
         if self.offset is None or self.offset[0] != 0:
             return 0, length
         return int(self.offset[1]), int(self.offset[1]) + int(self.offset[2])
+
+    @property
+    def plain(self) -> bool:
+        """A low-rank part without DoRA, mid or reshape, or a ``diff``, with no function on its delta: what
+        ``_add_part`` computes exactly as ComfyUI's own adapter does."""
+        if self.function is not None:
+            return False
+        if not self.low_rank:
+            return True
+        weights = self.patch.weights
+        return weights[3] is None and weights[4] is None and weights[5] is None
+
+    def tensors_on(self, device) -> tuple:
+        """Its tensors in float32 on ``device`` (as ComfyUI casts them for a float32 patch), kept per device."""
+        cache = self.__dict__.setdefault("_on", {})
+        if device not in cache:
+            cast = comfy.model_management.cast_to_device
+            if self.low_rank:
+                up, down = self.patch.weights[0], self.patch.weights[1]
+                cache[device] = (cast(up, device, torch.float32).flatten(start_dim=1),
+                                 cast(down, device, torch.float32).flatten(start_dim=1))
+            else:
+                cache[device] = (cast(self.patch[1][0], device, torch.float32),)
+        return cache[device]
 
 
 def read_parts(model, path, role: str, label: str | None = None) -> tuple[dict[str, list[Part]], list[str]]:
@@ -435,9 +464,10 @@ class KLoRA:
     def attach(self, patcher) -> None:
         """Put this K-LoRA's patches, wrappers and attachment on ``patcher`` (``apply`` made it a clone)."""
         patches = {}
+        state = patcher.model.state_dict()
         for unit in self.units:
             for key in unit.keys:
-                patches[key] = KLoRAPatch(self, unit, key)
+                patches[key] = KLoRAPatch(self, unit, key, state[key].dtype)
         added = patcher.add_patches(patches, 1.0)
         if len(added) != len(patches):
             missing = sorted(set(patches) - set(added))[:3]
@@ -602,10 +632,14 @@ class KLoRAPatch(comfy.weight_adapter.WeightAdapterBase):
 
     name = "klora"
 
-    def __init__(self, klora: KLoRA, unit: _Unit, key: str):
+    def __init__(self, klora: KLoRA, unit: _Unit, key: str, weight_dtype: torch.dtype):
         self.klora, self.unit, self.key = klora, unit, key
         self.loaded_keys = set()
         self.weights = []
+        self._owner = (None, None, None)  # (model, module holding the weight, attribute), found once
+        # One addmm per low-rank part where layers switch during a run and the weight keeps float32 (with a
+        # half-precision weight ComfyUI's rounding order decides which way a value rounds: kept as it is).
+        self.one_pass = klora.method == "klora" and weight_dtype == torch.float32
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -618,20 +652,99 @@ class KLoRAPatch(comfy.weight_adapter.WeightAdapterBase):
             for part in unit.keys[self.key]:
                 if part.role != role:
                     continue
-                patch = [(scale, part.patch, 1.0, part.offset, part.function)]
+                start, stop = part.rows(length)
+                inside = [(max(a, start), min(b, stop)) for a, b in allowed if max(a, start) < min(b, stop)]
+                if not inside:
+                    continue
+                whole = sum(b - a for a, b in inside) == stop - start
+                # Some of its rows only: its delta alone (0 + d is d, exactly), then added to those rows.
+                target = weight if whole else torch.zeros_like(weight)
+                if part.plain:
+                    _add_part(target, part, scale, self.one_pass)
+                else:
+                    target = comfy.lora.calculate_weight([(scale, part.patch, 1.0, part.offset, part.function)],
+                                                         target, key, intermediate_dtype, original_weight)
+                if whole:
+                    weight = target
+                else:
+                    for a, b in inside:
+                        weight[a:b] += target[a:b]
+        return weight
+
+    @property
+    def plain(self) -> bool:
+        return all(part.plain for part in self.unit.keys[self.key])
+
+    def owner(self, model) -> tuple:
+        """(module, attribute) of the weight in ``model``, or (None, None) when ComfyUI writes it through a
+        function of its layer (scaled fp8); looked up once, not at every switch."""
+        if self._owner[0] is not model:
+            path, _, attribute = self.key.rpartition(".")
+            module = comfy.utils.get_attr(model, path) if path else model
+            special = hasattr(module, f"set_{attribute}") or hasattr(module, f"convert_{attribute}")
+            self._owner = (model, None if special else module, attribute)
+        return self._owner[1], self._owner[2]
+
+    def single_part(self):
+        """The one part this key applies now when that is one part over the whole weight, else None."""
+        unit, found = self.unit, None
+        for part in unit.keys[self.key]:
+            spans = [span for span, roles in zip(unit.slices, unit.applied) if part.role in roles]
+            if not spans:
+                continue
+            if found is not None or part.offset is not None or len(spans) != len(unit.slices):
+                return None
+            found = part
+        return found
+
+    def add_into(self, weight) -> None:
+        """``calculate_weight`` on a weight with every part plain (``_add_part``, the same ops), without the
+        layers of ``comfy.lora.calculate_weight`` around it: what a switch pays for every layer it changes."""
+        unit, length = self.unit, weight.shape[0] if weight.dim() else 1
+        for role in ROLES:
+            allowed = [span for span, roles in zip(unit.slices, unit.applied) if role in roles]
+            if not allowed:
+                continue
+            scale = self.klora.strengths[role]  # times the patch strength, 1.0 (add_patches(..., 1.0))
+            for part in unit.keys[self.key]:
+                if part.role != role:
+                    continue
                 start, stop = part.rows(length)
                 inside = [(max(a, start), min(b, stop)) for a, b in allowed if max(a, start) < min(b, stop)]
                 if not inside:
                     continue
                 if sum(b - a for a, b in inside) == stop - start:
-                    weight = comfy.lora.calculate_weight(patch, weight, key, intermediate_dtype, original_weight)
+                    _add_part(weight, part, scale, self.one_pass)
                     continue
-                # Some of its rows only: its delta alone (0 + d is d, exactly), then added to those rows.
-                delta = comfy.lora.calculate_weight(patch, torch.zeros_like(weight), key, intermediate_dtype,
-                                                    original_weight)
+                delta = torch.zeros_like(weight)
+                _add_part(delta, part, scale, self.one_pass)
                 for a, b in inside:
                     weight[a:b] += delta[a:b]
-        return weight
+
+
+def _add_part(weight, part: Part, strength: float, one_pass: bool) -> None:
+    """``weight += strength * part`` for a plain part, in ``weight``'s dtype (ComfyUI's intermediate dtype).
+
+    A low-rank part: with ``one_pass`` (method klora, whose layers switch during a run, on a float32
+    weight), one ``addmm_``:
+    the product summed into the weight and rounded once, one pass over it; otherwise op for op what
+    ComfyUI's ``LoRAAdapter`` does (the product, rounded, times strength * alpha, then added), so that
+    content / style / merge equal ``LoraLoaderModelOnly`` bit for bit. The two are at most a float32 ulp
+    apart. Loads, lowvram forwards and switches of one K-LoRA all compute a key the same way, so a layer
+    holds the same bits however it got its choice. A ``diff``: as ComfyUI adds it."""
+    target = weight if part.offset is None else weight.narrow(part.offset[0], part.offset[1], part.offset[2])
+    if part.low_rank:
+        up, down = part.tensors_on(target.device)
+        if up.dtype != target.dtype:
+            up, down = up.to(target.dtype), down.to(target.dtype)
+        alpha = part.patch.weights[2]
+        alpha = alpha / down.shape[0] if alpha is not None else 1.0
+        if one_pass and target.is_contiguous():
+            target.view(target.shape[0], -1).addmm_(up, down, alpha=strength * alpha)
+        else:
+            target += (strength * alpha) * torch.mm(up, down).reshape(target.shape)
+    elif strength != 0.0:
+        target += strength * part.tensors_on(target.device)[0].to(target.dtype)
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -648,7 +761,11 @@ def _repatch(patcher, keys) -> None:
     """Recompute ``keys`` from ComfyUI's backup with the arithmetic of a load (keys not patched in place
     are lowvram modules, which ComfyUI recomputes at every forward).
 
-    What ``ModelPatcher.patch_weight_to_device`` does, bit for bit: a float32 copy of the original weight,
+    A key that only K-LoRA patches, with plain low-rank and ``diff`` parts (the common case), skips the
+    layers of ``comfy.lora.calculate_weight`` around the same arithmetic (``_fast_repatch``), which a switch
+    would pay for every layer it changes.
+
+    Otherwise what ``ModelPatcher.patch_weight_to_device`` does, bit for bit: a float32 copy of the original weight,
     ``comfy.lora.calculate_weight`` over the key's patches, ComfyUI's rounding to the weight's dtype. Two
     costs of that call are left out, since a switch pays them for every layer it changes (a third and a
     fifth of a re-patch on a small model): the rounding seed, a Python loop over the key's characters that
@@ -661,7 +778,10 @@ def _repatch(patcher, keys) -> None:
     model = patcher.model
     for key in keys:
         backup = patcher.backup.get(key)
-        if backup is None or key not in patcher.patches:
+        patches = patcher.patches.get(key)
+        if backup is None or not patches:
+            continue
+        if len(patches) == 1 and _alone(patches[0]) and _fast_repatch(model, patches[0][1], backup.weight):
             continue
         weight, set_func, convert_func = comfy.model_patcher.get_key_weight(model, key)
         if set_func is None and convert_func is None and weight.data_ptr() != backup.weight.data_ptr():
@@ -678,6 +798,41 @@ def _repatch(patcher, keys) -> None:
 
 
 _UNSEEDED = (torch.float32, torch.float16, torch.bfloat16)  # dtypes comfy.float.stochastic_rounding casts to
+
+
+def _alone(patch) -> bool:
+    """K-LoRA's patch as ``add_patches(..., 1.0)`` put it: no strength, offset or function around it."""
+    strength, ours, strength_model, offset, function = patch
+    return isinstance(ours, KLoRAPatch) and (strength, strength_model, offset, function) == (1.0, 1.0, None, None)
+
+
+def _fast_repatch(model, ours: "KLoRAPatch", original) -> bool:
+    """Recompute a key only K-LoRA patches, with plain parts, from ComfyUI's backup: what
+    ``patch_weight_to_device`` computes (a float32 copy of the backup, the patch's ``calculate_weight``,
+    rounded to the weight's dtype), in the weight itself when that is float32. False when the key needs
+    ComfyUI's own path."""
+    module, attribute = ours.owner(model)
+    weight = None if module is None else getattr(module, attribute)
+    if weight is None or weight.dtype not in _UNSEEDED or not ours.plain or weight.data_ptr() == original.data_ptr():
+        return False
+    float32 = weight.dtype == torch.float32
+    part = ours.single_part() if ours.one_pass and float32 and weight.is_contiguous() else None
+    if part is not None and part.low_rank:
+        # The backup copied in and the part's addmm_ in one op (out-of-place addmm copies its input to the
+        # output, then adds the product: the same bits).
+        up, down = part.tensors_on(weight.device)
+        alpha = part.patch.weights[2]
+        alpha = alpha / down.shape[0] if alpha is not None else 1.0
+        rows = weight.shape[0]
+        torch.addmm(original.to(weight.device).reshape(rows, -1), up, down,
+                    alpha=ours.klora.strengths[part.role] * alpha, out=weight.data.view(rows, -1))
+        return True
+    out = weight.data if float32 else torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    out.copy_(original)
+    ours.add_into(out)
+    if not float32:
+        weight.data.copy_(out.to(weight.dtype))
+    return True
 
 
 def _load(tensors, key_map):
