@@ -697,30 +697,6 @@ class KLoRAPatch(comfy.weight_adapter.WeightAdapterBase):
             found = part
         return found
 
-    def add_into(self, weight) -> None:
-        """``calculate_weight`` on a weight with every part plain (``_add_part``, the same ops), without the
-        layers of ``comfy.lora.calculate_weight`` around it: what a switch pays for every layer it changes."""
-        unit, length = self.unit, weight.shape[0] if weight.dim() else 1
-        for role in ROLES:
-            allowed = [span for span, roles in zip(unit.slices, unit.applied) if role in roles]
-            if not allowed:
-                continue
-            scale = self.klora.strengths[role]  # times the patch strength, 1.0 (add_patches(..., 1.0))
-            for part in unit.keys[self.key]:
-                if part.role != role:
-                    continue
-                start, stop = part.rows(length)
-                inside = [(max(a, start), min(b, stop)) for a, b in allowed if max(a, start) < min(b, stop)]
-                if not inside:
-                    continue
-                if sum(b - a for a, b in inside) == stop - start:
-                    _add_part(weight, part, scale, self.one_pass)
-                    continue
-                delta = torch.zeros_like(weight)
-                _add_part(delta, part, scale, self.one_pass)
-                for a, b in inside:
-                    weight[a:b] += delta[a:b]
-
 
 def _add_part(weight, part: Part, strength: float, one_pass: bool) -> None:
     """``weight += strength * part`` for a plain part, in ``weight``'s dtype (ComfyUI's intermediate dtype).
@@ -829,7 +805,7 @@ def _fast_repatch(model, ours: "KLoRAPatch", original) -> bool:
         return True
     out = weight.data if float32 else torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     out.copy_(original)
-    ours.add_into(out)
+    ours.calculate_weight(out, ours.key, 1.0, 1.0, None, None)  # plain parts: in place, no ComfyUI dispatch
     if not float32:
         weight.data.copy_(out.to(weight.dtype))
     return True
