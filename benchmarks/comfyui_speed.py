@@ -24,8 +24,8 @@ Each row runs on its own copy of the model (as one workflow in ComfyUI: the mode
 patched between runs). Every timed run follows one run of an untouched twin of the base model, and
 a row's ratio is the median of those pairs, so a busy machine slows both alike. Then: how many layers
 K-LoRA re-patched per run (from its selection log) and the time those re-patches took (less
-affected by a busy machine than the rows), K-LoRA timed in turn with the one-LoRA run, and what
-one full re-patch of all its layers costs.
+affected by a busy machine than the rows), K-LoRA timed in turn with the one-LoRA run (in alternating
+order), and what one full re-patch of all its layers costs.
 """
 
 from __future__ import annotations
@@ -172,12 +172,20 @@ class Runs:
 
 
     def versus(self, patcher, reference, rounds: int) -> tuple[float, float]:
-        """(median of patcher / reference over runs taken in turn, mean seconds per run of ``patcher``)."""
+        """(median of patcher / reference over runs taken in turn, mean seconds per run of ``patcher``).
+
+        The order alternates (reference first in even rounds, ``patcher`` first in odd ones): on this CPU the
+        second run of a pair tends to be the slower, which would otherwise count against one side."""
         ratios, times = [], []
         for r in range(rounds):
-            base = self.run(reference, seed=100 + r)
-            times.append(self.run(patcher, seed=100 + r))
-            ratios.append(times[-1] / base)
+            if r % 2:
+                seconds = self.run(patcher, seed=100 + r)
+                base = self.run(reference, seed=100 + r)
+            else:
+                base = self.run(reference, seed=100 + r)
+                seconds = self.run(patcher, seed=100 + r)
+            times.append(seconds)
+            ratios.append(seconds / base)
         return statistics.median(ratios), statistics.mean(times)
 
 
