@@ -559,6 +559,8 @@ class KLoRA:
         log = {"pattern": self.pattern, "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
                "method": self.method, "progress": self.progress, "switching": SWITCHING}
         log.update(self.labels)
+        if self.strengths != {"content": 1.0, "style": 1.0}:  # the engine's keys; statistics stay the files' own
+            log["content_scale"], log["style_scale"] = self.strengths["content"], self.strengths["style"]
         log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum}
                          for key, s in self.stats.items()}
         log["only"] = dict(self.only)

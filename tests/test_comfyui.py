@@ -795,6 +795,10 @@ def test_strengths_scale_the_applied_delta_not_the_choice(tmp_path):
                                   style_strength=0.25))
     assert [plain.choices_at(i / 8) for i in range(8)] == [scaled.choices_at(i / 8) for i in range(8)]
     assert scaled.gamma == plain.gamma  # the log's statistics are the files' own
+    header = scaled.selection_log()
+    assert (header["content_scale"], header["style_scale"]) == (3.0, 0.25)
+    assert header["layers"] == plain.selection_log()["layers"]
+    assert "content_scale" not in plain.selection_log()
 
 
 # --- the nodes, as ComfyUI calls them --------------------------------------------------------
