@@ -746,7 +746,9 @@ class _Adapters:
             if not self._had_adapters[component]:
                 denoiser.unload_lora()  # unwraps every LoRA layer: the original modules come back
             elif names:
-                denoiser.delete_adapters(names)
+                with warnings.catch_warnings():  # PEFT hands a layer to another adapter; the user's come back below
+                    warnings.filterwarnings("ignore", message=r"Adapter klora_\w+ was active which is now deleted")
+                    denoiser.delete_adapters(names)
                 self._unwrap_emptied(denoiser)
         self._restore_user()
 
