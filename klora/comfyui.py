@@ -284,20 +284,19 @@ def key_map_for(model, names) -> dict:
 
 def row_slices(model) -> dict[str, list[tuple[int, int]]]:
     """{weight key: [(start, stop), ...]} for the weights ComfyUI fuses from several diffusers layers."""
-    state = model.state_dict()
+    lookups = _Lookups(model, _family(model))
+    state = lookups.state
     bounds: dict[str, set[int]] = {}
 
     def add(key, start, length):
         if key in state:
             bounds.setdefault(key, {0, state[key].shape[0]}).update((start, start + length))
 
-    targets = list(comfy.lora.model_lora_keys_unet(model, {}).values())
-    targets += list(_Lookups(model, _family(model)).diffusers.values())
+    targets = list(comfy.lora.model_lora_keys_unet(model, {}).values()) + list(lookups.diffusers.values())
     for target in targets:
         if not isinstance(target, str) and target[1] is not None and target[1][0] == 0:
             add(target[0], int(target[1][1]), int(target[1][2]))
-    if _family(model) == "hunyuan_video":
-        lookups = _Lookups(model, "hunyuan_video")
+    if lookups.family == "hunyuan_video":
         for template, (original, rows) in formats.HUNYUAN_VIDEO_FROM_DIFFUSERS.items():
             if rows not in ("q", "k", "v", "mlp"):
                 continue
@@ -940,14 +939,14 @@ class _Lookups:
 
     def __init__(self, model, family: str):
         self.model, self.family = model, family
-        self.state_keys = set(model.state_dict())
+        self.state = model.state_dict()
         self.diffusers = _diffusers_names(model)
         self._numbers = None
 
     @property
     def block_numbers(self) -> list[int]:
         if self._numbers is None:
-            self._numbers = sorted({int(n) for key in self.state_keys for n in re.findall(r"\.(\d+)\.", key)})
+            self._numbers = sorted({int(n) for key in self.state for n in re.findall(r"\.(\d+)\.", key)})
         return self._numbers
 
     def comfy_key(self, original: str) -> str | None:
@@ -956,7 +955,7 @@ class _Lookups:
         if self.family == "hunyuan_video":
             name = next(iter(self.model.model_config.process_unet_state_dict({name: None})))
         for key in (f"diffusion_model.{name}", f"diffusion_model.{original}"):
-            if key in self.state_keys:
+            if key in self.state:
                 return key
         return None
 
@@ -985,7 +984,7 @@ class _Lookups:
                 if rows == "swapped":
                     return key, None, comfy.utils.swap_scale_shift
                 if rows is not None:
-                    out_features, in_features = self.model.state_dict()[key].shape[:2]
+                    out_features, in_features = self.state[key].shape[:2]
                     return key, (0, *formats.fused_rows(rows, in_features, out_features))
                 return key
         if self.family in ("wan", "hunyuan_video", "ltx_video"):
