@@ -98,10 +98,9 @@ import comfy.utils
 import comfy.weight_adapter
 
 from . import checks, formats, loras, rule
+from .comfyui_nodes import METHODS, PROGRESS  # the node's values (that module imports no ComfyUI)
 from .errors import KLoRAError, LoRAError
 
-METHODS = ("klora", "merge", "content", "style")
-PROGRESS = ("steps", "percent")
 ROLES = ("content", "style")
 ATTACHMENT = "klora"
 WRAPPER_KEY = "klora"

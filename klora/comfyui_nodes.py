@@ -18,7 +18,7 @@ from .errors import KLoRAError
 
 CATEGORY = "loaders/K-LoRA"
 PAPER_BETA = -1.0  # the beta input's value that means "the paper's beta for the chosen pattern"
-METHODS = ("klora", "merge", "content", "style")  # klora.comfyui.METHODS, without importing ComfyUI here
+METHODS = ("klora", "merge", "content", "style")  # also klora.comfyui's, which imports them from here
 PROGRESS = ("steps", "percent")
 
 
