@@ -31,6 +31,9 @@ def build_parser():
                    help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for fp16 training")
     g.add_argument("--instance_data_dir", required=True, help="folder with the subject photos or the style image")
     g.add_argument("--instance_prompt", required=True, help="prompt naming the subject, e.g. 'a sbu dog'")
+    g.add_argument("--caption_extension", default=None, metavar=".EXT",
+                   help="each image's own caption from a text file beside it (e.g. .txt: dog1.png -> dog1.txt); "
+                        "images without one use --instance_prompt")
     g.add_argument("--output_dir", default=D.output_dir, help=f"where everything goes (default {D.output_dir})")
     g.add_argument("--resolution", type=int, default=D.resolution,
                    help=f"training size, a multiple of 8 (default {D.resolution})")

@@ -60,6 +60,7 @@ class TrainingConfig:
     pretrained_model_name_or_path: str
     instance_data_dir: str
     instance_prompt: str
+    caption_extension: str | None = None  # e.g. ".txt": each image's own caption, from IMAGE.txt beside it
     output_dir: str = "lora-dreambooth-sdxl"
     pretrained_vae_model_name_or_path: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix
     # LoRA
@@ -141,7 +142,11 @@ def check_config(config: TrainingConfig) -> list[Path]:
         _check_model(c.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", None)
     if not c.instance_prompt:
         raise KLoRAError("--instance_prompt is required (e.g. 'a sbu dog': a rare token plus the class)")
-    images = find_images(c.instance_data_dir, "--instance_data_dir")
+    if c.caption_extension is not None and not re.fullmatch(r"\.[A-Za-z0-9_-]+", c.caption_extension):
+        raise KLoRAError(f"--caption_extension {c.caption_extension!r}: give a file extension such as .txt")
+    images = find_images(c.instance_data_dir, "--instance_data_dir", captions=c.caption_extension)
+    if c.caption_extension is not None:
+        read_captions(images, c.caption_extension, c.instance_prompt)
     if c.with_prior_preservation:
         if not c.class_data_dir or not c.class_prompt:
             raise KLoRAError("--with_prior_preservation needs --class_data_dir and --class_prompt")
@@ -184,10 +189,12 @@ def _check_model(name: str, flag: str, subfolder: str | None) -> None:
                          f"(no {expected.name})")
 
 
-def find_images(folder: str | os.PathLike, flag: str, must_exist: bool = True) -> list[Path]:
+def find_images(folder: str | os.PathLike, flag: str, must_exist: bool = True,
+                captions: str | None = None) -> list[Path]:
     """The readable images in ``folder``, sorted by name; other files are skipped with a warning.
 
-    Hidden files (``.DS_Store``) and sub-folders are ignored silently.
+    Hidden files (``.DS_Store``), sub-folders and caption files (extension ``captions``)
+    are ignored silently.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -195,7 +202,8 @@ def find_images(folder: str | os.PathLike, flag: str, must_exist: bool = True) -
             return []
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise KLoRAError(f"{flag} '{folder}' {what}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and not (captions and p.suffix == captions))
     images, skipped = [], []
     for path in files:
         try:
@@ -210,6 +218,25 @@ def find_images(folder: str | os.PathLike, flag: str, must_exist: bool = True) -
     if not images and must_exist:
         raise KLoRAError(f"{flag} '{folder}' has no images (png, jpg, webp, ...)")
     return images
+
+
+def read_captions(images, extension: str, default: str) -> list[str]:
+    """Each image's caption: the text of IMAGE<extension> beside it, else ``default``."""
+    captions = []
+    for image in images:
+        path = Path(image).with_suffix(extension)
+        if not path.exists():
+            captions.append(default)
+            continue
+        try:
+            text = " ".join(path.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KLoRAError(f"caption file '{path}': cannot be read as UTF-8 text ({type(exc).__name__})") from None
+        if not text:
+            raise KLoRAError(f"caption file '{path}' is empty: write the image's caption in it, or remove it "
+                             "to use --instance_prompt")
+        captions.append(text)
+    return captions
 
 
 def resolve_checkpoint(output_dir: str, name: str) -> Path | None:
@@ -289,10 +316,11 @@ class DreamBoothImages:
 
     def __getitem__(self, key):
         index, crop_y, crop_x, flip = key
-        item = {"instance": self.load(self.instance_images[index % len(self.instance_images)],
-                                      crop_y, crop_x, flip)}
+        instance = index % len(self.instance_images)
+        item = {"instance": {**self.load(self.instance_images[instance], crop_y, crop_x, flip), "prompt": instance}}
         if self.class_images:
-            item["class"] = self.load(self.class_images[index % len(self.class_images)], crop_y, crop_x, flip)
+            item["class"] = {**self.load(self.class_images[index % len(self.class_images)], crop_y, crop_x, flip),
+                             "prompt": -1}
         return item
 
     def load(self, path, crop_y: float, crop_x: float, flip: bool) -> dict:
@@ -320,7 +348,8 @@ def collate(examples) -> dict:
     """Instance images first, then (prior preservation) the class images: the loss splits the batch in two."""
     parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
     return {"pixel_values": torch.from_numpy(np.stack([p["pixels"] for p in parts])),
-            "time_ids": torch.tensor([p["time_ids"] for p in parts], dtype=torch.float32)}
+            "time_ids": torch.tensor([p["time_ids"] for p in parts], dtype=torch.float32),
+            "prompts": torch.tensor([p.get("prompt", 0) for p in parts])}
 
 
 # ------------------------------------------------------------------ model
@@ -534,17 +563,21 @@ def train(config: TrainingConfig) -> TrainingResult:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     tokenizers = (models["tokenizer"], models["tokenizer_2"])
-    instance_ids = tokenize(tokenizers, c.instance_prompt)
-    class_ids = tokenize(tokenizers, c.class_prompt) if c.with_prior_preservation else None
+    # One prompt per instance image (its caption file, or --instance_prompt), then the class prompt.
+    prompts = (read_captions(instance_images, c.caption_extension, c.instance_prompt)
+               if c.caption_extension else [c.instance_prompt] * len(instance_images))
+    if c.with_prior_preservation:
+        prompts.append(c.class_prompt)
+    prompt_ids = [torch.cat(ids) for ids in zip(*(tokenize(tokenizers, prompt) for prompt in prompts))]
 
     def encode_prompts():
-        return [encode_prompt(prompt_encoders, ids, device) for ids in (instance_ids, class_ids) if ids is not None]
+        return encode_prompt(prompt_encoders, prompt_ids, device)
 
     def conditioning(encoded, batch):
-        """One row per image in ``collate``'s layout: the instance images, then as many class images."""
-        count = batch["pixel_values"].shape[0] // len(encoded)
-        return (torch.cat([embeds.expand(count, -1, -1) for embeds, _ in encoded]),
-                torch.cat([pooled.expand(count, -1) for _, pooled in encoded]))
+        """One row per image in ``collate``'s layout (its prompt's row; -1: the class prompt)."""
+        embeds, pooled = encoded
+        rows = batch["prompts"].to(embeds.device)
+        return embeds[rows], pooled[rows]
 
     if not c.train_text_encoder:
         with torch.no_grad():
