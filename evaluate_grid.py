@@ -6,7 +6,7 @@
 
     accelerate launch --multi_gpu --num_processes 4 evaluate_grid.py --pairs pairs.json ...
 
-    python evaluate_grid.py --demo          # tiny built-in model, synthetic LoRAs, no download
+    python evaluate_grid.py --demo --num_images 32 --sweep   # the trained world (world/), no download
 
 Images go to results/images/<content>__<style>/<method>/seed<N>.png; finished images
 are skipped, so an interrupted run continues where it stopped. Grid pictures go to
@@ -23,8 +23,7 @@ from klora import cli
 from klora import grid as G
 
 FAMILIES = {"sd": "unet", "flux": "transformer"}
-DEFAULTS = {"sd": dict(steps=50, guidance=5.0, size=1024), "flux": dict(steps=28, guidance=3.5, size=1024),
-            "demo": dict(steps=10, guidance=5.0, size=64)}
+DEFAULTS = {"sd": dict(steps=50, guidance=5.0, size=1024), "flux": dict(steps=28, guidance=3.5, size=1024)}
 DEMO_FOLDER = "demo_evaluation"
 
 
@@ -53,15 +52,22 @@ def build_parser():
     parser.add_argument("--output_folder", default=None, help=f"results folder (default results, {DEMO_FOLDER} with --demo)")
     parser.add_argument("--cell_size", type=int, default=256, help="pixels per image in the grid pictures (default 256)")
     parser.add_argument("--no_grids", action="store_true", help="only generate images, draw no grid pictures")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also every step split: the content LoRA for the first K steps and the style LoRA "
+                             "after (c2s-K), and the reverse (s2c-K), for K = 1 .. steps-1")
     parser.add_argument("--demo", action="store_true",
-                        help="no download: tiny built-in model, 2 x 2 synthetic LoRAs, coloured reference images")
+                        help="no download: the trained world (world/sdxl, its sbu and szn LoRAs) at 32 x 32")
     return parser
 
 
 def check_arguments(args) -> None:
     if args.demo and args.family != "sd":
-        raise cli.KLoRAError("--demo runs the tiny Stable Diffusion XL model; drop --family")
-    defaults = DEFAULTS["demo" if args.demo else args.family]
+        raise cli.KLoRAError("--demo runs the world's Stable Diffusion XL model; drop --family")
+    defaults = DEFAULTS[args.family]
+    if args.demo:  # the world's own settings
+        from klora import world, world_eval
+
+        defaults = dict(steps=world_eval.STEPS, guidance=world_eval.GUIDANCE, size=world.SIZE)
     args.num_inference_steps = args.num_inference_steps or defaults["steps"]
     args.guidance_scale = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
     if args.num_inference_steps < 1:
@@ -96,6 +102,8 @@ def check_arguments(args) -> None:
         if not args.pretrained_model_name_or_path:
             raise cli.KLoRAError("--pretrained_model_name_or_path is required (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
     args.output_folder = args.output_folder or (DEMO_FOLDER if args.demo else "results")
+    if args.sweep:
+        args.methods = list(dict.fromkeys([*args.methods, *G.split_methods(args.num_inference_steps)]))
 
 
 def main(argv=None) -> None:
@@ -112,13 +120,17 @@ def main(argv=None) -> None:
         if state.is_main_process:
             _prepare_demo(args, root)
         state.wait_for_everyone()
-        args.pretrained_model_name_or_path = str(root / "inputs" / "tiny-sdxl")
+        from klora import world_eval
+
+        args.pretrained_model_name_or_path = str(world_eval.MODEL)
         spec = G.load_pairs(root / "inputs" / "pairs.json")
 
     settings = {"model": args.pretrained_model_name_or_path, "family": args.family,
                 "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                 "height": args.height, "width": args.width, "negative_prompt": args.negative_prompt,
                 "alpha": args.alpha, "beta": args.beta}
+    if args.demo:
+        settings["world"] = True  # evaluate_metrics.py scores it with the world's scorers
     record = G.merge_run_record(G.read_run_record(root) if root.is_dir() else None, settings, spec,
                                 f"results folder '{root}'")
     jobs = G.plan(root, spec, args.methods, args.seeds)
@@ -181,18 +193,29 @@ def _generate(pipe, jobs: list, args, state) -> int:
                       style_weight_name=pair.style.weight_name, alpha=args.alpha)
         try:
             for job in mine:
-                method, pattern = G.METHODS[job.method]
-                if method == "klora":
-                    klora.set_schedule(pattern, args.alpha, args.beta)
-                klora.set_method(method)
+                split = G.parse_split(job.method)
+                callback = None
+                if split:
+                    first, at, second = split
+                    klora.set_method(first)
+                    callback = _switch_after(klora, at, second)
+                else:
+                    method, pattern = G.METHODS[job.method]
+                    if method == "klora":
+                        klora.set_schedule(pattern, args.alpha, args.beta)
+                    klora.set_method(method)
                 kwargs = dict(prompt=pair.prompt, num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                               generator=torch.Generator("cpu").manual_seed(job.seed))
+                if callback is not None:
+                    kwargs["callback_on_step_end"] = callback
                 if args.negative_prompt is not None:
                     kwargs["negative_prompt"] = args.negative_prompt
                 image = pipe(**kwargs).images[0]
                 job.path.parent.mkdir(parents=True, exist_ok=True)
                 cli.save_png(image, job.path)
+                if klora.method == "klora":
+                    _write_choices(klora, job.path.parent / G.CHOICES_FILE)
                 done += 1
                 bar.update(1)
                 # one flushed line per image: the processes share the terminal
@@ -205,6 +228,25 @@ def _generate(pipe, jobs: list, args, state) -> int:
             klora.detach()
     bar.close()
     return done
+
+
+def _switch_after(klora, step: int, method: str):
+    """A step-end callback: from step ``step`` on, ``method`` (the LoRA switch is written at once)."""
+    def callback(pipe, index, timestep, tensors):
+        if index + 1 == step:
+            klora.set_method(method)
+        return tensors
+
+    return callback
+
+
+def _write_choices(klora, path: Path) -> None:
+    """K-LoRA's choice at each step of the last generation: the share of shared layers on content."""
+    import json
+
+    steps = klora.selection_log()["generations"][-1]["steps"]
+    shares = [sum(c == "content" for c in s["choices"].values()) / max(1, len(s["choices"])) for s in steps]
+    G.write_text_atomic(path, json.dumps({"num_inference_steps": len(steps), "content_share": shares}) + "\n")
 
 
 def _quiet_loading() -> None:
@@ -239,38 +281,31 @@ def _json(record: dict) -> str:
 
 
 def _prepare_demo(args, root: Path) -> None:
-    """Tiny SDXL, two content and two style LoRAs, coloured references and a pairs file in root/inputs."""
+    """The world's pair (sbu x szn) and reference pictures in root/inputs; the model and LoRAs are world/'s."""
     import json
 
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    from klora.tiny import build_tiny_sdxl, write_demo_loras
+    from klora import world, world_eval
 
     _quiet_loading()
+    cli.check_world()
     inputs = root / "inputs"
-    model = inputs / "tiny-sdxl"
-    if (inputs / "pairs.json").is_file() and (model / "model_index.json").is_file():
+    if (inputs / "pairs.json").is_file():
         return
-    print(f"demo: writing a tiny SDXL pipeline, four synthetic LoRAs and reference images to {inputs} "
-          "(random weights, no download)")
+    print(f"demo: the trained world ({world_eval.WORLD}): sbu toy x szn style, reference pictures in {inputs}")
     _make_folder(inputs)
-    build_tiny_sdxl(model)
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    contents, styles = [], []
-    colours = {"dog": (200, 140, 60), "teapot": (90, 160, 90), "waves": (40, 90, 200), "sunset": (230, 90, 40)}
-    for seed, (c_name, s_name) in enumerate((("dog", "waves"), ("teapot", "sunset"))):
-        folder = inputs / f"loras-{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
-        content, style = write_demo_loras(unet, folder, seed=seed)
-        for name, lora, group in ((c_name, content, contents), (s_name, style, styles)):
-            picture = Image.new("RGB", (64, 64), colours[name])
-            ImageDraw.Draw(picture).ellipse([16, 16, 48, 48], fill=(250, 250, 250))
-            picture.save(inputs / f"{name}.png")
-            group.append({"name": name, "lora": os.path.relpath(lora, inputs), "trigger": f"sks {name}",
-                          "description": name, "images": [f"{name}.png"]})
-    pairs = {"prompt_template": "a {content} in {style} style", "contents": contents, "styles": styles}
+    references = {"sbu": world.subject_scenes(4, seed=1), "szn": world.style_scenes(4, seed=2)}
+    for name, scenes in references.items():
+        for i, scene in enumerate(scenes):
+            Image.fromarray(world.draw(scene)).save(inputs / f"{name}{i}.png")
+    pairs = {"prompt_template": "{content} in {style} style",
+             "contents": [{"name": "sbu", "lora": str(world_eval.SUBJECT_LORA), "trigger": world.SUBJECT_PROMPT,
+                           "description": "a yellow star with a red centre",
+                           "images": [f"sbu{i}.png" for i in range(4)]}],
+             "styles": [{"name": "szn", "lora": str(world_eval.STYLE_LORA), "trigger": "szn",
+                         "description": "violet diagonal stripes with black outlines",
+                         "images": [f"szn{i}.png" for i in range(4)]}]}
     G.write_text_atomic(inputs / "pairs.json", json.dumps(pairs, indent=1) + "\n")
 
 

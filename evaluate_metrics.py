@@ -2,12 +2,16 @@
 
     python evaluate_metrics.py --results results
     accelerate launch --multi_gpu --num_processes 4 evaluate_metrics.py --results results
-    python evaluate_metrics.py --demo     # scores evaluate_grid.py --demo's folder with tiny random models
+    python evaluate_metrics.py --demo     # scores evaluate_grid.py --demo's folder with the world's scorers
 
 Reads results/images/<content>__<style>/<method>/*.png and the pairs (reference images,
 prompts) from results/run.json, or from --pairs. Writes, into the results folder:
 metrics_per_image.csv, metrics.csv (per pair and method, and per method over all
 pairs), metrics.md (the paper's Table 1 layout) and metrics.png (a bar chart).
+
+Pictures of the trained world (evaluate_grid.py --demo) are scored by the world's own
+scorers instead (subject, szn style, both: klora/world_scorers.py): world_rates.md and
+.csv, and with a step-split sweep, step_split.png.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ def build_parser():
                                                          "each process's own device), cpu, cuda:N")
     parser.add_argument("--batch_size", type=int, default=16, help="images per model call (default 16)")
     parser.add_argument("--output_folder", default=None, help="where the reports go (default: the results folder)")
+    parser.add_argument("--world", action="store_true",
+                        help="score with the world's scorers, not CLIP and DINO (the default for a folder of "
+                             "evaluate_grid.py --demo)")
     parser.add_argument("--demo", action="store_true",
-                        help="tiny CLIP and DINO with random weights (no download); scores are meaningless")
+                        help=f"score {DEMO_FOLDER} (evaluate_grid.py --demo's world pictures) with the world's scorers")
     return parser
 
 
@@ -50,6 +57,10 @@ def main(argv=None) -> None:
     root = Path(args.results or (DEMO_FOLDER if args.demo else "results")).expanduser()
     items, spec, methods = _collect(root, args)
     out = Path(args.output_folder).expanduser() if args.output_folder else root
+    record = G.read_run_record(root) or {}
+    if args.world or args.demo or record.get("settings", {}).get("world"):
+        _world_report(items, methods, record.get("settings", {}), out)
+        return
 
     from klora.metrics import ClipEmbedder, DinoEmbedder, quiet_loading
 
@@ -174,6 +185,58 @@ def _report(rows, unreadable, items, methods, root: Path, out: Path, args) -> No
     for m in methods:
         print(f"{labels[m]:{width}}  " + "  ".join(f"{by_method[m][k]:15.1f}" for k in M.METRICS))
     print(f"wrote {out / 'metrics.md'}, metrics.csv, metrics_per_image.csv and metrics.png")
+
+
+def _world_report(items, methods, settings: dict, out: Path) -> None:
+    """The world's rates per method; the step-split sweep's chart when the folder has one."""
+    import json
+
+    from klora import world_eval
+    from klora.cli import save_png
+
+    found = [G.ResultImage(i.pair, i.method, i.name, Path(i.path)) for i in items]
+    table = world_eval.score_results(found)
+    labels = {m: G.method_label(m) for m in methods}
+    main = [m for m in methods if not G.parse_split(m)]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cli.KLoRAError(f"--output_folder '{out}': cannot create it ({exc.strerror or exc})") from None
+    rows = [{"method": m, **table[m]} for m in methods]
+    lines = ["method,pictures,subject,style,both"]
+    lines += [f"{r['method']},{r['pictures']},{r['subject']:.4f},{r['style']:.4f},{r['both']:.4f}" for r in rows]
+    G.write_text_atomic(out / "world_rates.csv", "\n".join(lines) + "\n")
+    text = ["# The world's rates", "",
+            "Share of pictures the world's scorers (klora/world_scorers.py) call the sbu toy, szn style, and both; "
+            f"{settings.get('num_inference_steps')} steps, guidance {settings.get('guidance_scale')}.", "",
+            world_eval.markdown_table(table, main, labels)]
+    steps = settings.get("num_inference_steps")
+    if steps and any(G.parse_split(m) for m in methods):
+        curves = world_eval.split_curves(table, steps)
+        shares = {}
+        for m in ("klora-s", "klora-sstar"):
+            for item in found:
+                choices = item.path.parent / G.CHOICES_FILE
+                if item.method == m and choices.is_file():
+                    shares[m] = json.loads(choices.read_text())["content_share"]
+                    break
+        save_png(world_eval.split_chart(curves, steps, shares, "One LoRA for the first K steps, the other after"),
+                 out / "step_split.png")
+        text += ["## Step split", "", "| K | " + " | ".join(f"{o} {r}" for o, r in curves) + " |",
+                 "|---:|" + "---:|" * len(curves)]
+        for k in range(steps + 1):
+            cells = [("" if v[k] is None else f"{v[k]:.0%}") for v in curves.values()]
+            text.append(f"| {k} | " + " | ".join(cells) + " |")
+        for name, share in shares.items():
+            text += ["", f"{labels.get(name, name)}: share of shared layers on content, per step: "
+                     + " ".join(f"{v:.2f}" for v in share)]
+    G.write_text_atomic(out / "world_rates.md", "\n".join(text) + "\n")
+    width = max(len(labels[m]) for m in main)
+    print(f"{'':{width}}  {'subject':>8} {'style':>8} {'both':>8}")
+    for m in main:
+        r = table[m]
+        print(f"{labels[m]:{width}}  {r['subject']:8.0%} {r['style']:8.0%} {r['both']:8.0%}")
+    print(f"wrote {out / 'world_rates.md'}, world_rates.csv" + (", step_split.png" if steps and len(main) < len(methods) else ""))
 
 
 def _process_state():

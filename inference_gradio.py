@@ -4,7 +4,7 @@
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
       --lora_name_or_path_content lora-sdxl-dog --lora_name_or_path_style lora-sdxl-waterpainting
 
-    python inference_gradio.py --demo                       # tiny built-in SDXL, no download
+    python inference_gradio.py --demo                       # the world trained in this repository, no download
     python inference_gradio.py --demo --demo_family wan22   # tiny Wan 2.2 (two experts): the page shows clips
 
 Any diffusers pipeline that loads LoRAs works, image or video: the family comes
@@ -24,8 +24,9 @@ from klora import cli
 
 DEMO_PROMPT = "a sbu dog in szn style"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# --demo_family: the tiny models of klora.tiny / klora.tiny_video (random weights; images and clips are noise).
-DEMO_IMAGE = ("sdxl", "sd", "flux", "sd3", "qwen-image", "z-image", "flux2-klein", "chroma", "sana", "lumina2")
+# --demo_family: the trained world (world/, docs/world.md), or a tiny model of klora.tiny / klora.tiny_video
+# (random weights; their images and clips are noise).
+DEMO_IMAGE = ("world", "sdxl", "sd", "flux", "sd3", "qwen-image", "z-image", "flux2-klein", "chroma", "sana", "lumina2")
 DEMO_VIDEO = ("wan21", "wan22", "hunyuanvideo", "ltx-video", "cogvideox", "animatediff")
 DEMO_STEPS = {"wan22": 8}  # 8 steps give each tiny Wan 2.2 expert 4; the others take 20
 
@@ -57,9 +58,10 @@ def build_parser():
     group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N, mps")
     group.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     group.add_argument("--demo", action="store_true",
-                       help="no download: a tiny built-in model and two synthetic LoRAs (outputs are noise)")
+                       help="no download: the world trained in this repository and its two LoRAs")
     group.add_argument("--demo_family", choices=DEMO_IMAGE + DEMO_VIDEO, default=None,
-                       help="with --demo: which tiny model (default sdxl; wan22 shows the video page)")
+                       help="with --demo: the world (default), or a tiny model with random weights and synthetic "
+                            "LoRAs, whose outputs are noise (wan22 shows the video page)")
     return parser
 
 
@@ -108,7 +110,8 @@ def main(argv=None) -> None:
                         content_scale=args.content_scale, style_scale=args.style_scale,
                         text_encoder_lora=args.text_encoder_lora, switching=args.switching, progress=args.progress,
                         call_kwargs=call_kwargs, limits=limits, defaults=defaults,
-                        model_label=f"tiny demo {args.demo_family}" if args.demo
+                        model_label=("the world (world/sdxl)" if args.demo_family == "world"
+                                     else f"tiny demo {args.demo_family}") if args.demo
                         else args.pretrained_model_name_or_path)
         for message in studio.warnings:
             print(f"warning: {message}", file=sys.stderr)
@@ -158,10 +161,20 @@ def _prepare_demo(args, scratch: str):
 
     from klora.pipelines import family_of, load_pipeline
 
-    args.demo_family = key = args.demo_family or "sdxl"
+    args.demo_family = key = args.demo_family or "world"
     video = key in DEMO_VIDEO
-    print(f"demo: building a tiny {key} pipeline and two synthetic LoRAs (random weights, no download)")
     device = "cpu" if args.device == "auto" else args.device
+    if key == "world":
+        from klora import world, world_eval
+
+        cli.check_world()
+        args.pretrained_model_name_or_path = str(world_eval.MODEL)
+        args.lora_name_or_path_content, args.lora_name_or_path_style = (str(world_eval.SUBJECT_LORA),
+                                                                        str(world_eval.STYLE_LORA))
+        print(f"demo: the world trained in this repository ({world_eval.MODEL}) and its sbu and szn LoRAs")
+        pipe = load_pipeline(args.pretrained_model_name_or_path, None, device, args.dtype)
+        return pipe, {"prompt": world.FUSED_PROMPT, "steps": world_eval.STEPS}, {}
+    print(f"demo: building a tiny {key} pipeline and two synthetic LoRAs (random weights, no download)")
     if video:
         from klora.tiny_video import TINY_VIDEO_CALL_KWARGS, TINY_VIDEO_SIZES, build_tiny_video, write_demo_video_loras
 

@@ -1,24 +1,22 @@
 """K-LoRA on Stable Diffusion (XL, 1.x, 2.x): a subject LoRA in a style LoRA's style.
 
 The Stable Diffusion front of inference.py (same code, SD defaults: 50 steps,
-guidance 5, 1024 px); other families: inference.py and inference_video.py.
+guidance 5, the model's own size: 1024 px for SDXL); other families: inference.py
+and inference_video.py.
 
     python inference_sd.py \
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
       --lora_name_or_path_content lora-sdxl-dog --lora_name_or_path_style lora-sdxl-waterpainting \
       --prompt "a sbu dog in szn style" --output_folder out
 
-    python inference_sd.py --demo --overwrite     # tiny built-in model, no download
+    python inference_sd.py --demo --overwrite     # the world trained in this repository, no download
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 
 from klora import cli
-
-DEMO_PROMPT = "a sbu dog in szn style"
 
 
 def build_parser():
@@ -27,31 +25,23 @@ def build_parser():
                         help="base model: hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or local folder")
     cli.add_lora_arguments(parser)
     cli.add_klora_arguments(parser)
-    cli.add_generation_arguments(parser, default_steps=50, default_guidance=5.0, default_size=1024)
+    cli.add_generation_arguments(parser, default_steps=None, default_guidance=None)
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="klora-demo-") as scratch:
-        if args.demo:
-            given = sys.argv[1:] if argv is None else argv
-            _prepare_demo(args, scratch, steps_given=any(a.startswith("--num_inference_steps") for a in given))
-        cli.check_arguments(args)
-        cli.fuse_and_generate(args, expect="unet")
-        if args.demo:
-            print("demo done: the tiny model's images are noise; the demo checks the installation, "
-                  "not image quality.")
-
-
-def _prepare_demo(args, scratch: str, steps_given: bool) -> None:
-    """Tiny SDXL + two synthetic LoRAs in ``scratch``; user flags still apply."""
-    if args.pretrained_model_name_or_path or args.lora_name_or_path_content or args.lora_name_or_path_style:
-        raise cli.KLoRAError("--demo brings its own model and LoRAs; drop the model and LoRA arguments")
-    print("demo: building a tiny SDXL pipeline and two synthetic LoRAs (random weights, no download)")
-    cli.use_demo(args, "unet", scratch, DEMO_PROMPT, "demo_output")
-    if not steps_given:
-        args.num_inference_steps = 20
+    if args.demo:
+        if args.pretrained_model_name_or_path or args.lora_name_or_path_content or args.lora_name_or_path_style:
+            raise cli.KLoRAError("--demo brings its own model and LoRAs; drop the model and LoRA arguments")
+        cli.use_world_demo(args, "demo_output")
+        print(f"demo: the world trained in this repository ({args.pretrained_model_name_or_path}), "
+              "its sbu toy LoRA and its szn style LoRA (docs/world.md)")
+    cli.check_arguments(args)
+    cli.fuse_and_generate(args, expect="unet")
+    if args.demo:
+        print("demo done: the sbu toy (a yellow star with a red centre) in szn style (violet diagonal stripes, "
+              "black outlines), 32 x 32 pixels.")
 
 
 if __name__ == "__main__":

@@ -416,6 +416,29 @@ def use_demo(args, family: str, scratch: str, prompt: str, output_folder: str) -
     args.soft_defaults = {"height": 64, "width": 64}
 
 
+def check_world() -> None:
+    from . import world_eval
+
+    for path in (world_eval.MODEL / "model_index.json", world_eval.SUBJECT_LORA, world_eval.STYLE_LORA):
+        if not path.is_file():
+            raise KLoRAError(f"--demo needs the trained world, and '{path}' is missing "
+                             "(a checkout without world/? python train_world.py makes it)")
+
+
+def use_world_demo(args, output_folder: str) -> None:
+    """Point ``args`` at the trained world (world/sdxl and its sbu and szn LoRAs, docs/world.md):
+    its prompt, and its steps and guidance unless given; the size is the model's own (32 x 32)."""
+    from . import world, world_eval
+
+    check_world()
+    _point_at_demo(args, str(world_eval.MODEL), str(world_eval.SUBJECT_LORA), str(world_eval.STYLE_LORA),
+                   world.FUSED_PROMPT, output_folder)
+    if args.num_inference_steps is None:
+        args.num_inference_steps = world_eval.STEPS
+    if args.guidance_scale is None:
+        args.guidance_scale = world_eval.GUIDANCE
+
+
 def use_tiny_demo(args, key: str, scratch: str, output_folder: str, steps: int, video: bool = False) -> None:
     """Like ``use_demo`` for any tiny family of ``klora.tiny`` (or ``klora.tiny_video``):
     its size, frame count and call arguments become soft defaults, ``steps`` the step

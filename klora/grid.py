@@ -44,6 +44,9 @@ METHOD_LABELS = {
     "style": "Style LoRA only",
 }
 DEFAULT_TEMPLATE = "{content} in {style} style"
+# The step-split sweep (evaluate_grid.py --sweep): one LoRA for the first k steps, the other after.
+_SPLIT = re.compile(r"^(c2s|s2c)-(\d+)$")
+CHOICES_FILE = "klora_choices.json"  # K-LoRA's per-step choices, beside its images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -398,16 +401,36 @@ def _natural(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
+def split_methods(steps: int) -> list[str]:
+    """The sweep's tags: ``c2s-K`` is the content LoRA for steps 0..K-1 and the style LoRA after,
+    ``s2c-K`` the reverse, for every K from 1 to steps - 1 (0 and steps are style or content only)."""
+    return [f"{order}-{k:02d}" for order in ("c2s", "s2c") for k in range(1, steps)]
+
+
+def parse_split(method: str) -> tuple[str, int, str] | None:
+    """``c2s-05`` -> ("content", 5, "style"); None for any other tag."""
+    match = _SPLIT.match(method)
+    if not match:
+        return None
+    first, second = ("content", "style") if match.group(1) == "c2s" else ("style", "content")
+    return first, int(match.group(2)), second
+
+
 def method_order(methods) -> list[str]:
-    """Baselines first, K-LoRA last, like the paper's tables; unknown methods in between."""
+    """Baselines first, K-LoRA last, like the paper's tables; unknown methods in between, step splits
+    after them by order and step."""
     known = ["merge", "content", "style"]
     kl = ["klora-s", "klora-sstar"]
     methods = list(dict.fromkeys(methods))
-    others = sorted(m for m in methods if m not in known + kl)
-    return [m for m in known if m in methods] + others + [m for m in kl if m in methods]
+    splits = sorted((m for m in methods if parse_split(m)), key=lambda m: (m[:3], parse_split(m)[1]))
+    others = sorted(m for m in methods if m not in known + kl and not parse_split(m))
+    return [m for m in known if m in methods] + others + splits + [m for m in kl if m in methods]
 
 
 def method_label(method: str) -> str:
+    split = parse_split(method)
+    if split:
+        return f"{split[0]} then {split[2]} from step {split[1]}"
     return METHOD_LABELS.get(method, method)
 
 
