@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import rule
 from .errors import KLoRAError  # noqa: F401  (re-exported for the scripts)
-from .fusion import METHODS, PROGRESS, SWITCHING
+from .fusion import MAX_STRENGTH, METHODS, PROGRESS, SWITCHING
 
 MAX_SIDE = 8192
 DEMO_PROMPT = "a sbu dog in szn style"
@@ -239,10 +239,15 @@ def check_stack_arguments(args) -> None:
     ({"": [(path, scale)], "_2": [...]})."""
     for name in ("content_scale", "style_scale"):
         value = getattr(args, name, 1.0)
-        if not (math.isfinite(value) and value != 0):
-            raise KLoRAError(f"--{name} {value}: must be a finite number other than 0 (0 would apply nothing; "
-                             f"--method {'style' if name == 'content_scale' else 'content'} leaves it out)")
+        if not _strength_ok(value):
+            raise KLoRAError(f"--{name} {value}: must be a finite number other than 0, from -{MAX_STRENGTH:g} to "
+                             f"{MAX_STRENGTH:g} (0 would apply nothing; --method "
+                             f"{'style' if name == 'content_scale' else 'content'} leaves it out)")
     args.extra_loras = {suffix: extra_loras(args, suffix) for suffix in ("", "_2")}
+
+
+def _strength_ok(value: float) -> bool:
+    return math.isfinite(value) and value != 0 and abs(value) <= MAX_STRENGTH
 
 
 def extra_loras(args, suffix: str = "") -> list[tuple[str, float]]:
@@ -253,8 +258,9 @@ def extra_loras(args, suffix: str = "") -> list[tuple[str, float]]:
         raise KLoRAError(f"--extra_lora{suffix}_scale given {len(scales)} times for {len(paths)} "
                          f"--extra_lora{suffix}: one scale per extra LoRA, in the same order")
     for scale in scales:
-        if not (math.isfinite(scale) and scale != 0):
-            raise KLoRAError(f"--extra_lora{suffix}_scale {scale}: must be a finite number other than 0")
+        if not _strength_ok(scale):
+            raise KLoRAError(f"--extra_lora{suffix}_scale {scale}: must be a finite number other than 0, "
+                             f"from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}")
     return [(path, scales[i] if i < len(scales) else 1.0) for i, path in enumerate(paths)]
 
 

@@ -621,25 +621,36 @@ def _extra_entries(entries, name: str) -> list[tuple[object, float]]:
         return []
     if isinstance(entries, (str, os.PathLike, dict, loras.LoRAFile)):
         entries = [entries]
-    out = []
-    for entry in entries:
+    entries, out = list(entries), []
+    for i, entry in enumerate(entries):
         if isinstance(entry, tuple):
             if len(entry) != 2:
                 raise KLoRAError(f"{name}: each entry is a LoRA or a (LoRA, scale) pair, got {entry!r}")
             source, scale = entry
         else:
             source, scale = entry, 1.0
-        out.append((source, _strength(scale, f"{name} scale")))
+        out.append((source, _strength(scale, f"{name} scale" if len(entries) == 1 else f"{name}[{i}] scale")))
     return out
 
 
+# The largest strength or extra-LoRA scale, as in ComfyUI's LoRA loaders (and klora.comfyui_nodes). Pictures
+# are ruined long before it; far past it (1e30) every picture is black, and 1e308 overflows float32 when the
+# deltas are summed.
+MAX_STRENGTH = 100.0
+
+
 def _strength(value, name: str) -> float:
+    """A LoRA's strength (or an extra LoRA's scale) as a float: finite, not 0, at most MAX_STRENGTH in size."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:36] + "..."
+    if isinstance(value, bool):
+        raise KLoRAError(f"{name} must be a number, got {shown}")
     try:
         value = float(value)
-    except (TypeError, ValueError):
-        raise KLoRAError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value == 0:
-        raise KLoRAError(f"{name} must be a finite number other than 0 (0 would apply nothing), got {value}")
+    except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
+        raise KLoRAError(f"{name} must be a finite number, got {shown}") from None
+    if not math.isfinite(value) or value == 0 or abs(value) > MAX_STRENGTH:
+        raise KLoRAError(f"{name} must be a finite number other than 0, from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g} "
+                         f"(0 would apply nothing), got {value:g}")
     return value
 
 
