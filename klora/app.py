@@ -1,4 +1,4 @@
-"""The gradio page: one pipeline of any family, one K-LoRA, one generation at a time.
+"""The gradio page: one pipeline of any family, K-LoRA attached to it, one generation at a time.
 
 ``Studio`` holds the loaded pipeline and the attached ``KLoRA`` and does the
 work (checks, generation, switching LoRAs); it knows nothing of gradio, so a
@@ -13,22 +13,27 @@ true CFG where it has ``true_cfg_scale``, frames and frame rate for video
 families), and their initial values are the pipeline's own defaults.
 
 Changing pattern, alpha, beta or method calls ``KLoRA.set_schedule`` /
-``set_method`` on the attached LoRAs: nothing is reloaded. Switching LoRAs, the
-extra (always-on) LoRAs or the strengths reads and checks the new files first,
-then detaches the old K-LoRA and attaches a new one; a rejected file leaves the
-previous LoRAs in place.
+``set_method`` on the attached LoRAs: nothing is reloaded. The LoRAs, extra
+(always-on) LoRAs and strengths are each page session's own ``Setup``: choosing
+them reads and checks the new files, then attaches them; a rejected file leaves
+the previous ones in place. One model serves every session, so a request whose
+setup is not the attached one re-attaches first (docs/gradio.md says what that costs).
 """
 
+import contextlib
 import inspect
 import math
+import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +41,7 @@ import torch
 from . import loras, rule, selection_map, video
 from .cli import method_tag
 from .errors import KLoRAError, LoRAError
-from .fusion import METHODS, PROGRESS, SWITCHING, KLoRA
+from .fusion import MAX_STRENGTH, METHODS, PROGRESS, SWITCHING, KLoRA, _strength
 from .pipelines import Family, family_of
 
 MAX_SEED = 2**32 - 1
@@ -65,6 +70,9 @@ class Limits:
     max_prompt_chars: int = 1000
     max_queue: int = 16  # requests waiting; more are refused with "queue full"
     max_upload: str = "2gb"  # per uploaded LoRA file (rank-128 SDXL LoRAs are ~0.9 GB)
+    # Page sessions gradio keeps (each with its own LoRAs in memory); beyond it the least recently
+    # used session forgets its LoRAs and goes back to the server's.
+    max_sessions: int = 64
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,7 @@ class Result:
     steps_done: int
     stopped: bool
     summary: str = ""
+    attach_seconds: float = 0.0  # spent re-attaching this request's LoRAs first (another session had others)
 
 
 @dataclass
@@ -169,6 +178,48 @@ class _StopRequests:
             self.stop.discard(session)
 
 
+@dataclass(frozen=True, eq=False)
+class Setup:
+    """The LoRAs one page session generates with: files by role, extra LoRAs, strengths.
+
+    Files are read once and shared between setups. ``key`` tells whether two setups attach
+    the same K-LoRA (the same file objects at the same scales), so that a request
+    re-attaches only when its session's setup is not the one attached.
+    """
+
+    files: dict  # role (content, style, content_2, style_2) -> loras.LoRAFile
+    extra_loras: tuple = ()  # ((LoRAFile, scale), ...), on in every expert ...
+    extra_loras_2: tuple | None = None  # ... unless the second expert has its own
+    content_scale: float = 1.0
+    style_scale: float = 1.0
+    warnings: tuple = ()  # what attaching these files warned about (shown when they were chosen)
+
+    @property
+    def key(self) -> tuple:
+        def scaled(pairs):
+            return None if pairs is None else tuple((id(lora), scale) for lora, scale in pairs)
+
+        return (tuple((role, id(lora)) for role, lora in sorted(self.files.items())), scaled(self.extra_loras),
+                scaled(self.extra_loras_2), self.content_scale, self.style_scale)
+
+    def klora_arguments(self) -> dict:
+        files, second = self.files, self.extra_loras_2
+        return dict(content=files["content"], style=files["style"], content_2=files.get("content_2"),
+                    style_2=files.get("style_2"), extra_loras=list(self.extra_loras),
+                    extra_loras_2=None if second is None else list(second), content_scale=self.content_scale,
+                    style_scale=self.style_scale)
+
+    def short(self) -> str:
+        """The LoRAs in a few words, for the line under a picture."""
+        text = ", ".join(self.files[role].label for role in ("content", "style"))
+        extras = len(self.extra_loras) + len(self.extra_loras_2 or ())
+        if extras:
+            text += f" + {extras} extra"
+        if (self.content_scale, self.style_scale) != (1.0, 1.0):
+            text += f" (strengths {self.content_scale:g}, {self.style_scale:g})"
+        return text
+
+
 class Studio:
     """A pipeline with K-LoRA attached, driven by the page (or by a test, directly).
 
@@ -177,6 +228,10 @@ class Studio:
     both of its files. ``extra_loras`` / ``extra_loras_2`` / ``content_scale`` /
     ``style_scale``, ``switching`` / ``progress``: as ``KLoRA``. ``call_kwargs``:
     fixed arguments added to every pipeline call (``max_sequence_length``, ...).
+
+    These LoRAs are ``setup``, what every session starts with. ``switch_loras`` and
+    ``set_stack`` return a new ``Setup`` for one session; ``generate(setup=...)``
+    re-attaches K-LoRA first when that setup is not the attached one.
     """
 
     KEPT_OUTPUTS = 8  # generations whose MP4 and JSON files stay on disk (gradio copies them to its cache)
@@ -199,24 +254,32 @@ class Studio:
         self.limits = limits or Limits()
         self.max_frames = most_frames(pipe, self.limits) if self.video else None
         self.defaults = defaults or Defaults.for_pipeline(pipe, self.limits)
-        self.model_label = model_label or type(pipe).__name__
+        self.model_label = _public_name(model_label) if model_label else type(pipe).__name__
         self.text_encoder_lora = text_encoder_lora
         self.switching, self.progress = switching, progress
         self.call_kwargs = dict(call_kwargs or {})
-        self._lock = threading.Lock()  # one generation or LoRA switch at a time, whatever the caller
-        self.files = {"content": _lora_file(content, content_weight_name, "content LoRA"),
-                      "style": _lora_file(style, style_weight_name, "style LoRA")}
+        self._lock = threading.Lock()  # one generation or attach at a time, whatever the caller
+        files = {"content": _lora_file(content, content_weight_name, "content LoRA"),
+                 "style": _lora_file(style, style_weight_name, "style LoRA")}
         for role, source, weight_name in (("content_2", content_2, content_2_weight_name),
                                           ("style_2", style_2, style_2_weight_name)):
             if source is not None:
-                self.files[role] = _lora_file(source, weight_name, f"{role[:-2]} LoRA (second expert)")
-        self.stack = {"extra_loras": self._extra_files(extra_loras, ""),
-                      "extra_loras_2": self._extra_files(extra_loras_2, " (second expert)") or None,
-                      "content_scale": content_scale, "style_scale": style_scale}
-        self.warnings: list[str] = []
+                files[role] = _lora_file(source, weight_name, f"{role[:-2]} LoRA (second expert)")
+        setup = Setup(files, self._extra_files(extra_loras, ""),
+                      self._extra_files(extra_loras_2, " (second expert)") or None,
+                      _strength(content_scale, "content_scale"), _strength(style_scale, "style_scale"))
         self._outputs = Path(tempfile.mkdtemp(prefix="klora-page-"))
         self._generation = 0
-        self.klora = self._attach(self.files)
+        self.klora: KLoRA | None = None
+        self._attached: Setup | None = None
+        self.attach_seconds = 0.0  # what the last attach took: the wait a re-attach adds to a request
+        self.setup = replace(setup, warnings=tuple(self._attach(setup)))
+        self.denoisers = dict(self.klora.denoisers)
+
+    @property
+    def warnings(self) -> tuple:
+        """What attaching the server's own LoRAs warned about."""
+        return self.setup.warnings
 
     # --- what the page offers ------------------------------------------------
 
@@ -231,86 +294,108 @@ class Studio:
     # --- LoRAs ---------------------------------------------------------------
 
     @staticmethod
-    def _extra_files(entries, where: str) -> list[tuple[loras.LoRAFile, float]]:
-        """[(LoRAFile, scale)] of ``[source, (source, scale), ...]``, read and checked now."""
+    def _extra_files(entries, where: str) -> tuple[tuple[loras.LoRAFile, float], ...]:
+        """((LoRAFile, scale), ...) of ``[source, (source, scale), ...]``, read and checked now."""
         out = []
         for i, entry in enumerate(entries or (), start=1):
             source, scale = entry if isinstance(entry, tuple) else (entry, 1.0)
+            scale = _strength(scale, f"extra LoRA {i}{where} scale")
             out.append((_lora_file(source, None, f"extra LoRA {i}{where}"), scale))
-        return out
+        return tuple(out)
 
-    def _attach(self, files: dict, stack: dict | None = None) -> KLoRA:
+    def _attach(self, setup: Setup) -> list[str]:
+        """Attach K-LoRA with ``setup`` (nothing may be attached); returns what it warned about."""
+        start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # One logged generation is all the page shows; keep no history.
-            klora = KLoRA(self.pipe, files["content"], files["style"], content_2=files.get("content_2"),
-                          style_2=files.get("style_2"), text_encoder_lora=self.text_encoder_lora,
-                          switching=self.switching, progress=self.progress, max_logged_generations=1,
-                          **(stack or self.stack))
-        self.warnings = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-        return klora
+            self.klora = KLoRA(self.pipe, text_encoder_lora=self.text_encoder_lora, switching=self.switching,
+                               progress=self.progress, max_logged_generations=1, **setup.klora_arguments())
+        self._attached = setup
+        self.attach_seconds = time.perf_counter() - start
+        return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
-    def switch_loras(self, content=None, style=None, *, content_weight_name=None, style_weight_name=None) -> KLoRA:
-        """Replace one or both LoRAs (path, hub id or ``LoRAFile``; None keeps the current one).
+    def _use(self, setup: Setup) -> tuple[float, list[str]]:
+        """Make ``setup`` the attached one (the caller holds the lock): (seconds it took, warnings).
 
-        New files are read and checked against every denoiser before the current
-        K-LoRA is touched; if attaching still fails, the previous LoRAs come back.
+        Nothing happens when it is attached already. If attaching fails, the previous setup
+        comes back and the error is raised.
+        """
+        if setup.key == self._attached.key:
+            return 0.0, []
+        start = time.perf_counter()
+        previous = self._attached
+        self.klora.detach()
+        try:
+            warned = self._attach(setup)
+        except BaseException:
+            self._attach(previous)
+            raise
+        return time.perf_counter() - start, warned
+
+    def attached(self, setup: Setup | None = None) -> bool:
+        """Whether ``setup`` (default: the server's) is the one attached now."""
+        return (setup or self.setup).key == self._attached.key
+
+    def switch_loras(self, content=None, style=None, *, content_weight_name=None, style_weight_name=None,
+                     setup: Setup | None = None) -> Setup:
+        """``setup`` (default: the server's) with one or both LoRAs replaced (path, hub id or ``LoRAFile``;
+        None keeps that one), attached now.
+
+        New files are read and checked against every denoiser before the attached K-LoRA
+        is touched; if attaching still fails, the previous LoRAs come back.
         """
         sources = {"content": (content, content_weight_name), "style": (style, style_weight_name)}
         if all(source is None for source, _ in sources.values()):
             raise LoRAError("no LoRA given: type a path or hub id, or upload a .safetensors file")
-        with self._lock:
-            new = dict(self.files)
-            for role, (source, weight_name) in sources.items():
-                if source is None:
+        setup = setup or self.setup
+        files = dict(setup.files)
+        for role, (source, weight_name) in sources.items():
+            if source is None:
+                continue
+            files[role] = _lora_file(source, weight_name, f"{role} LoRA")
+            files.pop(f"{role}_2", None)  # the new LoRA goes into every expert
+            checked = set()
+            for denoiser in self.denoisers.values():
+                if type(denoiser) in checked:
                     continue
-                new[role] = _lora_file(source, weight_name, f"{role} LoRA")
-                new.pop(f"{role}_2", None)  # the new LoRA goes into every expert
-                checked = set()
-                for denoiser in self.klora.denoisers.values():
-                    if type(denoiser) in checked:
-                        continue
-                    adapter = loras.to_denoiser_adapter(new[role], denoiser, self.family)
-                    loras.check_fits(adapter, denoiser, new[role].label, self.family, new[role])
-                    checked.add(type(denoiser))
-            self.klora.detach()
-            try:
-                self.klora = self._attach(new)
-            except BaseException:
-                self.klora = self._attach(self.files)
-                raise
-            self.files = new
-            return self.klora
-
-    def set_stack(self, extra_loras=None, *, content_scale=None, style_scale=None) -> KLoRA:
-        """Replace the extra (always-on) LoRAs (``[source or LoRAFile, (source, scale), ...]``; None keeps them,
-        ``[]`` removes them, in every expert) and/or the strengths. The new files are read and checked before
-        the current K-LoRA is touched; if attaching fails, the previous stack comes back."""
+                adapter = loras.to_denoiser_adapter(files[role], denoiser, self.family)
+                loras.check_fits(adapter, denoiser, files[role].label, self.family, files[role])
+                checked.add(type(denoiser))
+        new = replace(setup, files=files, warnings=())
         with self._lock:
-            stack = dict(self.stack)
-            if extra_loras is not None:
-                stack["extra_loras"], stack["extra_loras_2"] = self._extra_files(extra_loras, ""), None
-            for name, value in (("content_scale", content_scale), ("style_scale", style_scale)):
-                if value is not None:
-                    if not _number(value) or value == 0:
-                        raise KLoRAError(f"{name.replace('_', ' ')} must be a number other than 0, got {value}")
-                    stack[name] = float(value)
-            self.klora.detach()
-            try:
-                self.klora = self._attach(self.files, stack)
-            except BaseException:
-                self.klora = self._attach(self.files)
-                raise
-            self.stack = stack
-            return self.klora
+            _, warned = self._use(new)
+        return replace(new, warnings=tuple(warned))
 
-    def describe_loras(self) -> str:
-        k = self.klora
-        labels = "  \n".join([f.label for f in self.files.values()]
+    def set_stack(self, extra_loras=None, *, content_scale=None, style_scale=None,
+                  setup: Setup | None = None) -> Setup:
+        """``setup`` (default: the server's) with other extra (always-on) LoRAs (``[source or LoRAFile,
+        (source, scale), ...]``; None keeps them, ``[]`` removes them, in every expert) and/or strengths,
+        attached now. The new files are read and checked first; if attaching fails, the previous ones come
+        back."""
+        setup = setup or self.setup
+        changes = {}
+        for name, value in (("content_scale", content_scale), ("style_scale", style_scale)):
+            if value is not None:
+                changes[name] = _strength(value, name.replace("_scale", " strength"))
+        if extra_loras is not None:
+            changes.update(extra_loras=self._extra_files(extra_loras, ""), extra_loras_2=None)
+        new = replace(setup, **changes, warnings=())
+        with self._lock:
+            _, warned = self._use(new)
+        return replace(new, warnings=tuple(warned))
+
+    def describe_loras(self, setup: Setup | None = None) -> str:
+        """``setup``'s LoRAs (default: the server's), by file name only, and what K-LoRA does with them."""
+        setup = setup or self.setup
+        labels = "  \n".join([f.label for f in setup.files.values()]
                               + [f"{f.label} at scale {scale:g}" for f, scale in
-                                 self.stack["extra_loras"] + (self.stack["extra_loras_2"] or [])])
-        if (self.stack["content_scale"], self.stack["style_scale"]) != (1.0, 1.0):
-            labels += f"  \nstrengths: content {self.stack['content_scale']:g}, style {self.stack['style_scale']:g}"
+                                 setup.extra_loras + (setup.extra_loras_2 or ())])
+        if (setup.content_scale, setup.style_scale) != (1.0, 1.0):
+            labels += f"  \nstrengths: content {setup.content_scale:g}, style {setup.style_scale:g}"
+        k = self.klora
+        if not self.attached(setup):  # its statistics are known once it is attached
+            return f"{labels}  \n{k.switching} switching, progress by {self.progress}"
         return (f"{labels}  \nK-LoRA chooses per step in {len(k.paths)} layers ({len(k.only)} more use one "
                 f"LoRA only); gamma {gamma_text(k.gamma)}; {k.switching} switching, progress by {self.progress}")
 
@@ -354,12 +439,15 @@ class Studio:
 
     def generate(self, prompt, negative_prompt="", *, method="klora", pattern="s*", alpha=rule.DEFAULT_ALPHA,
                  beta=None, steps=None, guidance=None, true_cfg=None, seed=0, height=None, width=None,
-                 num_frames=None, fps=None, should_stop=None, on_step=None) -> Result:
-        """One image (or clip) with the current LoRAs; ``seed=None`` draws a random seed.
+                 num_frames=None, fps=None, should_stop=None, on_step=None, setup: Setup | None = None,
+                 on_reattach=None) -> Result:
+        """One image (or clip) with ``setup``'s LoRAs (default: the server's); ``seed=None`` draws a random seed.
 
         Fields left at None take ``self.defaults``. ``should_stop()`` is asked after
         every step; True ends the denoising loop (diffusers' ``_interrupt``).
-        ``on_step(done, total)`` reports progress.
+        ``on_step(done, total)`` reports progress. When ``setup`` is not the attached
+        one, K-LoRA is re-attached with it first, after ``on_reattach(seconds the last
+        attach took)`` is told so.
         """
         d = self.defaults
         steps = d.steps if steps is None else steps
@@ -404,7 +492,13 @@ class Studio:
         if "callback_on_step_end" in self.takes:
             kwargs["callback_on_step_end"] = after_step
         kwargs.update(self.call_kwargs)
+        setup = setup or self.setup
         with self._lock:
+            attach_seconds = 0.0
+            if not self.attached(setup):
+                if on_reattach is not None:
+                    on_reattach(self.attach_seconds)
+                attach_seconds, _ = self._use(setup)
             self.klora.set_schedule(pattern, float(alpha), None if beta is None else float(beta))
             self.klora.set_method(method)
             start = time.perf_counter()
@@ -428,10 +522,12 @@ class Studio:
             schedule = f"pattern {k.pattern}, alpha {k.alpha:g}, beta {k.beta:g}, gamma {gamma_text(k.gamma)}"
         how = f"K-LoRA ({schedule})" if method == "klora" else METHOD_NOTES[method]
         size = f"{width}×{height}" + (f" · {num_frames} frames at {fps} fps" if self.video else "")
+        waited = f"; this session's LoRAs re-attached first: {attach_seconds:.2f} s" if attach_seconds else ""
         summary = (f"{'Stopped after' if stopped[0] else 'Generated in'} {seconds:.2f} s "
-                   f"({done[0]} of {steps} steps) · seed {seed} · {size} · {how}")
+                   f"({done[0]} of {steps} steps{waited}) · seed {seed} · {size} · {how} · {setup.short()}")
         return Result(image=image, video=clip, frames=frames, selection_map=drawn, selection_log=log_path,
-                      seed=seed, seconds=seconds, steps_done=done[0], stopped=stopped[0], summary=summary)
+                      seed=seed, seconds=seconds, steps_done=done[0], stopped=stopped[0], summary=summary,
+                      attach_seconds=attach_seconds)
 
     def _output_folder(self) -> Path:
         """A fresh folder for one generation's files; the oldest beyond ``KEPT_OUTPUTS`` go."""
@@ -455,9 +551,30 @@ def gamma_text(gamma) -> str:
 
 
 def _lora_file(source, weight_name, role) -> loras.LoRAFile:
+    """A typed path or hub id, read now and labelled by file name: the page never shows the server's paths."""
     if isinstance(source, loras.LoRAFile):
         return source
-    return loras.load_file(source, weight_name or None, role)
+    typed = str(source).strip()
+    if "\0" in typed:
+        raise LoRAError(f"{role}: {typed!r} is not a path or hub id")
+    if os.path.exists(typed) and not (os.path.isfile(typed) or os.path.isdir(typed)):
+        raise LoRAError(f"{role} '{typed}': not a file or folder (a device, pipe or socket); type a .safetensors "
+                        "file, a folder or a hub id")
+    if weight_name and os.path.isfile(typed):
+        raise LoRAError(f"{role} '{typed}': is a file; a weight name picks a file inside a folder or hub repo "
+                        "(clear the weight name)")
+    lora = loras.load_file(typed, weight_name or None, role)
+    lora.label = f"{role} '{_public_name(typed, lora.path)}'"
+    return lora
+
+
+def _public_name(typed: str, file: Path | None = None) -> str:
+    """How the page names a model or LoRA: a local file by its name, a local folder by its own name (and
+    the file read from it), a hub id as typed (and the file read from it)."""
+    if os.path.isfile(typed):
+        return Path(typed).name
+    name = Path(os.path.realpath(typed)).name if os.path.isdir(typed) else typed
+    return name if file is None else f"{name}/{file.name}"
 
 
 def read_upload(path, role: str) -> loras.LoRAFile:
@@ -518,7 +635,10 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
     """The gradio Blocks page over ``studio``; queued, one generation at a time.
 
     The ``/generate`` endpoint has the same inputs and outputs for every family;
-    fields a pipeline does not take are hidden on the page and ignored.
+    fields a pipeline does not take are hidden on the page and ignored. Each page
+    session keeps its own ``Setup`` (LoRAs, extra LoRAs, strengths) in a ``gr.State``;
+    the page's files live in a folder of its own (``PageFiles``), removed when the
+    page closes.
     """
     import gradio as gr
 
@@ -526,13 +646,19 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
     stops = _StopRequests()
     m = studio.size_multiple
     is_video = studio.video
+    files = PageFiles()
 
     def visible_error(exc: Exception):
         return gr.Error(str(exc), print_exception=False)
 
     def generate(prompt, negative_prompt, method, pattern, alpha, beta, steps, guidance, true_cfg, seed,
-                 random_seed, width, height, num_frames, fps, request: gr.Request, progress=gr.Progress()):
+                 random_seed, width, height, num_frames, fps, setup, request: gr.Request, progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
+
+        def on_reattach(seconds):
+            gr.Info(f"Re-attaching your LoRAs first (another session used other ones): about {seconds:.1f} s")
+            progress(None, desc="re-attaching your LoRAs")
+
         stops.begin(session)
         try:
             result = studio.generate(
@@ -541,7 +667,8 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                 true_cfg=true_cfg if shows["true_cfg"] else None, seed=None if random_seed else seed,
                 height=height, width=width, num_frames=num_frames if is_video else None, fps=fps if is_video else None,
                 should_stop=lambda: stops.wanted(session),
-                on_step=lambda i, n: progress((i, n), desc="denoising", unit="steps"))
+                on_step=lambda i, n: progress((i, n), desc="denoising", unit="steps"), setup=setup,
+                on_reattach=on_reattach)
         except KLoRAError as exc:
             raise visible_error(exc) from None
         except torch.cuda.OutOfMemoryError:
@@ -558,27 +685,33 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
     def cancel(request: gr.Request):
         stops.request(getattr(request, "session_hash", None) or "")
 
-    def switch(content_path, content_upload, content_weight, style_path, style_upload, style_weight):
-        chosen = {}
-        for role, typed, upload in (("content", content_path, content_upload), ("style", style_path, style_upload)):
-            typed = (typed or "").strip()
-            if upload:
-                chosen[role] = read_upload_visible(upload, role)
-            elif typed:
-                if not typed_lora_paths:
-                    raise gr.Error("this server accepts uploaded .safetensors files only", print_exception=False)
-                chosen[role] = typed
+    def switch(content_path, content_upload, content_weight, style_path, style_upload, style_weight, setup):
         try:
-            studio.switch_loras(chosen.get("content"), chosen.get("style"),
-                                content_weight_name=(content_weight or "").strip() or None,
-                                style_weight_name=(style_weight or "").strip() or None)
+            chosen, weight_names = {}, {}
+            for role, typed, upload, weight in (("content", content_path, content_upload, content_weight),
+                                                ("style", style_path, style_upload, style_weight)):
+                typed, weight = (typed or "").strip(), (weight or "").strip()
+                if upload:
+                    if weight:
+                        raise LoRAError(f"{role} LoRA: a weight name picks a file inside a typed folder or hub repo; "
+                                        "an uploaded file is used as it is (clear the weight name)")
+                    chosen[role] = read_upload(upload, f"{role} LoRA")
+                elif typed:
+                    if not typed_lora_paths:
+                        raise KLoRAError("this server accepts uploaded .safetensors files only")
+                    chosen[role], weight_names[role] = typed, weight or None
+                elif weight:
+                    raise LoRAError(f"{role} LoRA: a weight name without a path or hub id to pick it from")
+            setup = studio.switch_loras(chosen.get("content"), chosen.get("style"), setup=setup,
+                                        content_weight_name=weight_names.get("content"),
+                                        style_weight_name=weight_names.get("style"))
         except KLoRAError as exc:
             raise visible_error(exc) from None
-        for message in studio.warnings:
+        for message in setup.warnings:
             gr.Warning(message)
-        return studio.describe_loras()
+        return studio.describe_loras(setup), setup
 
-    def set_stack(extra_paths, extra_uploads, upload_scales, content_scale, style_scale):
+    def set_stack(extra_paths, extra_uploads, upload_scales, content_scale, style_scale, setup):
         try:
             extras = [parse_extra_line(line) for line in (extra_paths or "").splitlines() if line.strip()]
             if extras and not typed_lora_paths:
@@ -592,19 +725,14 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
             if len(scales) > len(uploads):
                 raise KLoRAError(f"{len(scales)} scales for {len(uploads)} uploaded extra LoRAs")
             for i, upload in enumerate(uploads):
-                extras.append((read_upload(upload, "extra LoRA"), scales[i] if i < len(scales) else 1.0))
-            studio.set_stack(extras, content_scale=content_scale, style_scale=style_scale)
+                scale = _strength(scales[i], f"scale {i + 1} of the uploaded extra LoRAs") if i < len(scales) else 1.0
+                extras.append((read_upload(upload, "extra LoRA"), scale))
+            setup = studio.set_stack(extras, content_scale=content_scale, style_scale=style_scale, setup=setup)
         except KLoRAError as exc:
             raise visible_error(exc) from None
-        for message in studio.warnings:
+        for message in setup.warnings:
             gr.Warning(message)
-        return studio.describe_loras()
-
-    def read_upload_visible(upload, role):
-        try:
-            return read_upload(upload, f"{role} LoRA")
-        except KLoRAError as exc:
-            raise visible_error(exc) from None
+        return studio.describe_loras(setup), setup
 
     def default_beta(pattern, alpha):
         try:
@@ -615,8 +743,10 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
     family = studio.family
     kind = f"{family.name} {family.output} model, {type(studio.pipe).__name__}"
     frame_step_ = studio.frame_step or 1
-    # Generated files and uploads live in gradio's cache; clear what is older than an hour.
+    # Generated files are copied to the page's own folder; clear what is older than an hour.
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        # This session's Setup; None: the server's. gradio keeps it per browser tab (or API client).
+        session_setup = gr.State(None)
         gr.Markdown(f"## K-LoRA: a subject LoRA in a style LoRA's style\nBase model: `{studio.model_label}` "
                     f"({kind})", elem_id="model-info")
         lora_info = gr.Markdown(studio.describe_loras(), elem_id="lora-info")
@@ -629,12 +759,15 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                                       elem_id="negative-prompt")
                 method = gr.Radio(list(METHODS), value="klora", label="Method (compare K-LoRA with its baselines)",
                                   elem_id="method")
+                # The Number fields have no minimum, maximum or precision of gradio's: it compares and
+                # rounds before our checks, and a string or NaN there fails inside gradio with no message.
+                # Studio.check bounds them with a visible one-line error instead.
                 with gr.Row():
                     pattern = gr.Radio(list(rule.PATTERNS), value="s*", label="Pattern", elem_id="pattern")
-                    alpha = gr.Number(rule.DEFAULT_ALPHA, label="alpha", minimum=0.01, maximum=MAX_ALPHA,
-                                      step=0.05, elem_id="alpha")
-                    beta = gr.Number(round(rule.default_beta("s*"), 4), label="beta", minimum=-MAX_ABS_BETA,
-                                     maximum=MAX_ABS_BETA, step=0.05, elem_id="beta")
+                    alpha = gr.Number(rule.DEFAULT_ALPHA, label=f"alpha (0 to {MAX_ALPHA:g})", step=0.05,
+                                      elem_id="alpha")
+                    beta = gr.Number(round(rule.default_beta("s*"), 4),
+                                     label=f"beta (-{MAX_ABS_BETA:g} to {MAX_ABS_BETA:g})", step=0.05, elem_id="beta")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(d.steps, lim.max_steps), step=1, label="Steps",
                                       elem_id="steps")
@@ -655,29 +788,31 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                     fps = gr.Slider(1, MAX_FPS, value=d.fps or video.FALLBACK_FPS, step=1, label="Frames per second",
                                     elem_id="fps")
                 with gr.Row():
-                    seed = gr.Number(0, label="Seed", minimum=0, maximum=MAX_SEED, precision=0, elem_id="seed")
+                    seed = gr.Number(0, label="Seed", step=1, elem_id="seed")
                     random_seed = gr.Checkbox(False, label="Random seed", elem_id="random-seed")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 with gr.Accordion("Switch LoRAs", open=False, elem_id="switch-loras"):
                     paths_note = ("Type a .safetensors file, a folder or a hub id, or upload a .safetensors "
-                                  "file; an empty row keeps the current LoRA.")
+                                  "file; an empty row keeps the current LoRA. The LoRAs you choose are yours: "
+                                  "other visitors keep theirs.")
                     if not typed_lora_paths:
-                        paths_note = "Upload .safetensors files (typed paths are off on this server)."
+                        paths_note = ("Upload .safetensors files (typed paths are off on this server). The LoRAs "
+                                      "you choose are yours: other visitors keep theirs.")
                     gr.Markdown(paths_note)
                     with gr.Row():
                         content_path = gr.Textbox(label="Content LoRA: path or hub id", visible=typed_lora_paths,
                                                   elem_id="content-path")
-                        content_weight = gr.Textbox(label="weight name (optional)", visible=typed_lora_paths,
-                                                    elem_id="content-weight")
+                        content_weight = gr.Textbox(label="weight name (optional: a file in that folder or repo)",
+                                                    visible=typed_lora_paths, elem_id="content-weight")
                     content_upload = gr.File(label="or upload the content LoRA", file_types=[".safetensors"],
                                              type="filepath", elem_id="content-upload")
                     with gr.Row():
                         style_path = gr.Textbox(label="Style LoRA: path or hub id", visible=typed_lora_paths,
                                                 elem_id="style-path")
-                        style_weight = gr.Textbox(label="weight name (optional)", visible=typed_lora_paths,
-                                                  elem_id="style-weight")
+                        style_weight = gr.Textbox(label="weight name (optional: a file in that folder or repo)",
+                                                  visible=typed_lora_paths, elem_id="style-weight")
                     style_upload = gr.File(label="or upload the style LoRA", file_types=[".safetensors"],
                                            type="filepath", elem_id="style-upload")
                     load = gr.Button("Load LoRAs", elem_id="load-loras")
@@ -685,7 +820,7 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                     gr.Markdown("Extra LoRAs (a speed or detail LoRA) are on at every step, at their scale, and "
                                 "take no part in K-LoRA's choice. A strength multiplies what its LoRA applies; "
                                 "the choice does not change with it. Applying replaces the extra LoRAs (empty: "
-                                "none).")
+                                f"none). Strengths and scales: from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}, not 0.")
                     extra_paths = gr.Textbox(label="Extra LoRAs: one per line, path or hub id, then a scale "
                                              "(default 1.0), e.g. lightx2v.safetensors 0.8", lines=2,
                                              visible=typed_lora_paths, elem_id="extra-paths")
@@ -695,9 +830,9 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                         upload_scales = gr.Textbox(label="their scales, in order (default 1.0)",
                                                    elem_id="extra-upload-scales")
                     with gr.Row():
-                        content_scale = gr.Number(studio.stack["content_scale"], label="Content strength",
+                        content_scale = gr.Number(studio.setup.content_scale, label="Content strength",
                                                   elem_id="content-scale")
-                        style_scale = gr.Number(studio.stack["style_scale"], label="Style strength",
+                        style_scale = gr.Number(studio.setup.style_scale, label="Style strength",
                                                 elem_id="style-scale")
                     apply_stack = gr.Button("Apply", elem_id="apply-stack")
             with gr.Column(scale=1):
@@ -717,16 +852,19 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
 
         pattern.change(default_beta, [pattern, alpha], beta, queue=False, api_visibility="private")
         event = run.click(generate, [prompt, negative, method, pattern, alpha, beta, steps, guidance, true_cfg, seed,
-                                     random_seed, width, height, num_frames, fps],
+                                     random_seed, width, height, num_frames, fps, session_setup],
                           [image, clip, selection, log_file, seed, summary],
                           api_name="generate", concurrency_id="model", concurrency_limit=1)
         stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")
-        load.click(switch, [content_path, content_upload, content_weight, style_path, style_upload, style_weight],
-                   lora_info, api_name="switch_loras",
-                   concurrency_id="model", concurrency_limit=1)
-        apply_stack.click(set_stack, [extra_paths, extra_uploads, upload_scales, content_scale, style_scale],
-                          lora_info, api_name="set_stack", concurrency_id="model", concurrency_limit=1)
+        load.click(switch, [content_path, content_upload, content_weight, style_path, style_upload, style_weight,
+                            session_setup],
+                   [lora_info, session_setup], api_name="switch_loras", concurrency_id="model", concurrency_limit=1)
+        apply_stack.click(set_stack, [extra_paths, extra_uploads, upload_scales, content_scale, style_scale,
+                                      session_setup],
+                          [lora_info, session_setup], api_name="set_stack", concurrency_id="model",
+                          concurrency_limit=1)
     demo.queue(default_concurrency_limit=1, max_size=lim.max_queue)
+    files.adopt(demo, outputs=[image, clip, selection, log_file])
     return demo
 
 
@@ -742,12 +880,103 @@ def parse_extra_line(line: str) -> tuple[str, float]:
     return text, 1.0
 
 
+class PageFiles:
+    """A page's own temporary folder: ``outputs`` holds what the page made (the only files it
+    serves), ``uploads`` what visitors uploaded (read by the page, never served back).
+
+    gradio takes an upload only from inside its upload folder (``gradio.utils.get_upload_folder()``,
+    shared by every gradio process of this user), so the folder is made there; gradio's cache
+    folder of each component and the server's upload folder are pointed at it (``adopt``,
+    ``lifespan``). It is removed when the page closes, at exit, and after SIGTERM (``serve``).
+    """
+
+    def __init__(self):
+        from gradio.utils import get_upload_folder
+
+        shared = Path(get_upload_folder())
+        shared.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="klora-page-", dir=shared))
+        self.outputs, self.uploads = self.root / "outputs", self.root / "uploads"
+        self.outputs.mkdir()
+        self.uploads.mkdir()
+        self.remove = weakref.finalize(self, shutil.rmtree, str(self.root), True)  # also runs at exit
+
+    def adopt(self, demo, outputs) -> None:
+        """Point the components of ``demo`` at this folder and remove it when ``demo`` closes."""
+        for block in demo.blocks.values():
+            block.GRADIO_CACHE = str(self.outputs if block in outputs else self.uploads)
+        demo.GRADIO_CACHE = str(self.uploads)
+        demo.page_files = self
+        close = demo.close
+
+        def close_and_remove(*args, **kwargs):
+            try:
+                return close(*args, **kwargs)
+            finally:
+                self.remove()
+
+        demo.close = close_and_remove
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        """The server's uploads go here; set as the server starts, before any request."""
+        app.uploaded_file_dir = str(self.uploads)
+        yield
+
+
+class _OwnFilesOnly:
+    """ASGI middleware: gradio's file route (``/gradio_api/file=PATH``) answers for the page's
+    outputs folder only; anything else (gradio's shared folder, uploads, other files in an
+    allowed folder) gets 403 before gradio's own, broader rule sees it."""
+
+    def __init__(self, app, folder: Path):
+        self.app, self.folder = app, Path(os.path.realpath(folder))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "/file=" in scope["path"]:
+            asked = Path(os.path.realpath(scope["path"].split("/file=", 1)[1]))
+            if not asked.is_relative_to(self.folder):
+                from starlette.responses import PlainTextResponse
+
+                await PlainTextResponse("File not allowed", status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def serve(demo, limits: Limits | None = None, *, server_name: str = "127.0.0.1", server_port: int | None = None,
           share: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
-    """Launch with this project's serving rules: loopback unless asked, no extra paths served."""
+    """Launch a page of ``build_app`` with this project's serving rules: loopback unless asked, only
+    the page's own outputs served, its folder removed when it stops. Blocking (the script), SIGTERM
+    stops it as Ctrl+C does, so that the folder goes; with ``prevent_thread_lock``, ``demo.close()``
+    removes it."""
+    from starlette.middleware import Middleware
+
     limits = limits or Limits()
-    return demo.launch(server_name=server_name, server_port=server_port, share=share,
-                       prevent_thread_lock=prevent_thread_lock, quiet=quiet,
-                       allowed_paths=[],  # nothing but gradio's own cache of generated files and uploads
-                       max_file_size=limits.max_upload, show_error=False, ssr_mode=False,
-                       mcp_server=False, footer_links=["api"])
+    files = demo.page_files
+    options = dict(server_name=server_name, server_port=server_port, share=share, quiet=quiet,
+                   allowed_paths=[str(files.outputs)], max_file_size=limits.max_upload, show_error=False,
+                   ssr_mode=False, mcp_server=False, footer_links=["api"],
+                   state_session_capacity=limits.max_sessions,
+                   app_kwargs={"middleware": [Middleware(_OwnFilesOnly, folder=files.outputs)],
+                               "lifespan": files.lifespan})
+    if prevent_thread_lock:
+        return demo.launch(prevent_thread_lock=True, **options)
+    restore = _sigterm_interrupts()
+    try:
+        return demo.launch(**options)
+    finally:
+        restore()
+        demo.close()
+
+
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt in the main thread (gradio then closes the server, and the
+    ``finally`` blocks up the stack run); returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,9 @@ separately loaded pipeline with the same settings and seed.
 
 import json
 import math
+import re
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +54,40 @@ def pixels(image_or_path) -> np.ndarray:
 def read_json(path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def named(log: dict) -> dict:
+    """The library's selection ``log`` (its labels carry the paths it was given) as the page writes it: every
+    LoRA named by its file name only."""
+    def name_only(label):
+        return re.sub(r"'[^']*/([^'/]+)'", r"'\1'", label)
+
+    out = dict(log)
+    for role in ("content", "style", "content_2", "style_2"):
+        if role in out:
+            out[role] = name_only(out[role])
+    if "extra_loras" in out:
+        out["extra_loras"] = [{**entry, "file": name_only(entry["file"])} for entry in out["extra_loras"]]
+    return out
+
+
+def raw_call(url: str, api: str, data=None, body: str | None = None) -> tuple[str, object]:
+    """``/gradio_api/call/<api>`` over plain HTTP, no gradio_client: (event, data) of the last message, e.g.
+    ("complete", [outputs]) or ("error", {"error": message}). ``body`` replaces the JSON of ``{"data": data}``."""
+    import httpx
+
+    base = url.rstrip("/")
+    posted = httpx.post(f"{base}/gradio_api/call/{api}", timeout=30, headers={"content-type": "application/json"},
+                        content=json.dumps({"data": data}) if body is None else body)
+    posted.raise_for_status()
+    stream = httpx.get(f"{base}/gradio_api/call/{api}/{posted.json()['event_id']}", timeout=120).text
+    event = payload = None
+    for line in stream.splitlines():
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            payload = json.loads(line.removeprefix("data: "))
+    return event, payload
 
 
 def decoded(mp4) -> np.ndarray:
@@ -174,7 +210,7 @@ def test_settings_switch_without_reloading_and_match_the_library(app, reference,
         if method == "klora":
             assert np.array_equal(pixels(reply.selection_map), pixels(want_map)), settings
             # The JSON offered for download is the library's own log of the same run.
-            assert read_json(reply.selection_log) == want_log, settings
+            assert read_json(reply.selection_log) == named(want_log), settings
         else:
             # No K-LoRA choices were made: no map and no log, not stale ones.
             assert reply.selection_map is None and reply.selection_log is None
@@ -211,15 +247,22 @@ def test_random_seed_is_reported_and_reproducible(app, reference, demo_sdxl_lora
     ({"negative_prompt": "x" * 201}, "negative prompt is 201 characters"),
     ({"pattern": "t"}, "not in the list of choices"),
     ({"method": "blend"}, "not in the list of choices"),
-    ({"alpha": 0}, "less than minimum"),
-    ({"seed": -1}, "less than minimum"),
+    ({"alpha": 0}, r"alpha must be in \(0, 10\], got 0"),
+    ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, got -1"),
+    # What gradio's Number field failed on with no message (its checks compare and round before ours):
+    ({"seed": "nan"}, "seed must be a whole number from 0 to 4294967295, got nan"),
+    ({"seed": "1e309"}, "seed must be a whole number from 0 to 4294967295, got 1e309"),
+    ({"seed": 2.5}, "seed must be a whole number"),
+    ({"alpha": "x"}, r"alpha must be in \(0, 10\], got x"),
+    ({"beta": "1e309"}, r"beta must be in \[-10, 10\], got 1e309"),
 ])
 def test_out_of_range_inputs_give_a_visible_error(app, change, message):
     from gradio_client.exceptions import AppError
 
     _, _, client = app
-    with pytest.raises(AppError, match=message):
+    with pytest.raises(AppError, match=message) as caught:
         call(client, **change)
+    assert "\n" not in str(caught.value.message)
 
 
 def test_bad_inputs_leave_the_app_serving(app, reference, demo_sdxl_loras):
@@ -233,6 +276,25 @@ def test_bad_inputs_leave_the_app_serving(app, reference, demo_sdxl_loras):
     want_image, want_map, _ = reference(*demo_sdxl_loras, *SETTINGS[0])
     assert np.array_equal(pixels(reply.image), pixels(want_image))
     assert np.array_equal(pixels(reply.selection_map), pixels(want_map))
+
+
+def test_inputs_only_gradio_can_answer_leave_the_page_serving(app, reference, demo_sdxl_loras):
+    """Over plain HTTP: a NaN (Python's JSON reads it) reaches the page's checks and gets its message. A string
+    in a slider and too few inputs fail inside gradio before the page sees them: gradio answers with an error
+    event and no message (docs/gradio.md says so); the page goes on serving."""
+    demo, _, _ = app
+    fields = list(FIELDS)
+    with_value = lambda name, value: [value if field == name else FIELDS[field] for field in fields]  # noqa: E731
+    assert raw_call(demo.local_url, "generate", with_value("seed", math.nan)) == ("error", {
+        "error": "seed must be a whole number from 0 to 4294967295, got nan", "duration": 10, "visible": True,
+        "title": "Error"})
+    assert raw_call(demo.local_url, "generate", with_value("steps", math.nan))[1]["error"] == (
+        "steps must be a whole number from 1 to 3000, got nan")
+    for data in (with_value("steps", "nan"), with_value("width", "1e309"), list(FIELDS.values())[:3]):
+        assert raw_call(demo.local_url, "generate", data)[0] == "error"
+    event, outputs = raw_call(demo.local_url, "generate", list(FIELDS.values()))
+    assert event == "complete"
+    assert np.array_equal(pixels(outputs[0]["path"]), pixels(reference(*demo_sdxl_loras, *SETTINGS[0])[0]))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -251,11 +313,12 @@ def test_studio_checks_what_the_page_cannot(app, field, value, message):
 
 # --- switching LoRAs in the page -------------------------------------------------
 
-def switch(client, content_path="", content_upload=None, style_path="", style_upload=None):
+def switch(client, content_path="", content_upload=None, style_path="", style_upload=None, content_weight="",
+           style_weight=""):
     from gradio_client import handle_file
 
-    return client.predict(content_path, handle_file(content_upload) if content_upload else None, "",
-                          style_path, handle_file(style_upload) if style_upload else None, "",
+    return client.predict(content_path, handle_file(content_upload) if content_upload else None, content_weight,
+                          style_path, handle_file(style_upload) if style_upload else None, style_weight,
                           api_name="/switch_loras")
 
 
@@ -313,7 +376,7 @@ def test_a_failed_attach_brings_the_previous_loras_back(app, reference, demo_sdx
     attempts = []
 
     def fails_once(*args, **kwargs):
-        attempts.append(args[1].label)
+        attempts.append(kwargs["content"].label)
         if len(attempts) == 1:
             raise LoRAError("content LoRA 'x': could not be loaded (simulated)")
         return real(*args, **kwargs)
@@ -321,7 +384,7 @@ def test_a_failed_attach_brings_the_previous_loras_back(app, reference, demo_sdx
     monkeypatch.setattr(klora.app, "KLoRA", fails_once)
     with pytest.raises(AppError, match="simulated"):
         switch(client, content_path=style)
-    assert len(attempts) == 2 and style in attempts[0] and content in attempts[1]
+    assert attempts == [f"content LoRA '{Path(style).name}'", f"content LoRA '{Path(content).name}'"]
     want_image, want_map, _ = reference(content, style, *SETTINGS[0])
     reply = call(client)
     assert np.array_equal(pixels(reply.image), pixels(want_image))
@@ -337,7 +400,7 @@ def test_switching_loras_by_upload_and_path(app, reference, demo_sdxl_loras, req
     try:
         info = switch(client, content_upload=style, style_path=content)
         assert "content LoRA (uploaded 'demo_style_lora.safetensors')" in info
-        assert f"style LoRA '{content}'" in info
+        assert "style LoRA 'demo_content_lora.safetensors'" in info and content not in info  # no server path
         assert counts(loads) == {"pipelines": 0, "models": 0, "lora reads": 2, "attach": 1, "detach": 1}
         for settings, (want_image, want_map, _) in zip(SETTINGS[:2], swapped):
             reply = call_with(client, settings)
@@ -346,7 +409,7 @@ def test_switching_loras_by_upload_and_path(app, reference, demo_sdxl_loras, req
         # One role only: the other LoRA stays.
         info = switch(client, style_path=style)
         assert "content LoRA (uploaded 'demo_style_lora.safetensors')" in info
-        assert f"style LoRA '{style}'" in info
+        assert "style LoRA 'demo_style_lora.safetensors'" in info
     finally:
         switch(client, content_path=content, style_path=style)
     reply = call(client)
@@ -363,8 +426,59 @@ def test_uploads_only_refuses_typed_paths(app, demo_sdxl_loras):
     switch_handler = next(fn.fn for fn in page.fns.values() if fn.api_name == "switch_loras")
     klora_before = studio.klora
     with pytest.raises(gr.Error, match="accepts uploaded .safetensors files only"):
-        switch_handler(demo_sdxl_loras[1], None, "", "", None, "")
+        switch_handler(demo_sdxl_loras[1], None, "", "", None, "", None)
     assert studio.klora is klora_before
+
+
+def test_typed_devices_and_weight_names_are_refused_or_used(app, reference, demo_sdxl_loras, tmp_path):
+    import shutil
+
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    import gradio as gr
+
+    import klora.app
+    from klora import selection_map
+
+    demo, studio, _ = app
+    client = Client(demo.local_url, verbose=False)
+    content, style = demo_sdxl_loras
+    folder = tmp_path / "both"
+    folder.mkdir()
+    shutil.copy(content, folder / "a.safetensors")
+    shutil.copy(style, folder / "b.safetensors")
+    for fields, message in (
+            (dict(content_path="/dev/zero"), r"^content LoRA '/dev/zero': not a file or folder \(a device, pipe or "
+                                             r"socket\); type a .safetensors file, a folder or a hub id$"),
+            # A weight name was ignored with an upload; it picks a file inside a typed folder or repo only.
+            (dict(content_upload=style, content_weight="x.safetensors"),
+             "content LoRA: a weight name picks a file inside a typed folder or hub repo; an uploaded file is used "
+             "as it is"),
+            (dict(style_path=style, style_weight="b.safetensors"), "is a file; a weight name picks a file inside"),
+            (dict(style_weight="b.safetensors"), "style LoRA: a weight name without a path or hub id"),
+            (dict(content_path=str(folder)), r"several .safetensors files \(a.safetensors, b.safetensors\)"),
+            (dict(content_path=str(folder), content_weight="c.safetensors"), "has no file 'c.safetensors'")):
+        with pytest.raises(AppError, match=message) as caught:
+            switch(client, **fields)
+        assert "\n" not in str(caught.value.message)
+    # A weight name picks its file from a typed folder: b (a copy of the style LoRA) becomes the content LoRA,
+    # a (of the content LoRA) the style LoRA.
+    info = switch(client, content_path=str(folder), content_weight="b.safetensors", style_path=str(folder),
+                  style_weight="a.safetensors")
+    assert info.startswith("content LoRA 'both/b.safetensors'  \nstyle LoRA 'both/a.safetensors'")
+    want_image, _, want_log = reference(style, content, *SETTINGS[0])
+    reply = call(client)
+    assert np.array_equal(pixels(reply.image), pixels(want_image))
+    # The map's legend names the files the page read.
+    want_log = {**want_log, "content": "content LoRA 'both/b.safetensors'", "style": "style LoRA 'both/a.safetensors'"}
+    assert read_json(reply.selection_log) == want_log
+    assert np.array_equal(pixels(reply.selection_map), pixels(selection_map.render(want_log)))
+    # Under --uploads_only the weight field is hidden; an API client sending one is refused all the same.
+    page = klora.app.build_app(studio, typed_lora_paths=False)
+    handler = next(fn.fn for fn in page.fns.values() if fn.api_name == "switch_loras")
+    with pytest.raises(gr.Error, match="an uploaded file is used as it is"):
+        handler("", content, "x.safetensors", "", None, "", None)
 
 
 # --- extra LoRAs and strengths ---------------------------------------------------------
@@ -376,13 +490,14 @@ def set_stack(client, extra_paths="", uploads=None, upload_scales="", content_sc
                           content_scale, style_scale, api_name="/set_stack")
 
 
-def test_extra_loras_and_strengths_on_the_page_match_the_library(app, demo_sdxl_loras, tiny_sdxl_dir):
+def test_extra_loras_and_strengths_on_the_page_match_the_library(app, reference, demo_sdxl_loras, tiny_sdxl_dir):
+    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from klora.fusion import KLoRA
     from klora.pipelines import load_pipeline
 
-    _, studio, client = app
+    demo, studio, client = app
     content, style = demo_sdxl_loras
     pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
     klora = KLoRA(pipe, content, style, extra_loras=[(style, 0.5), (content, -0.25)], content_scale=0.8)
@@ -392,24 +507,112 @@ def test_extra_loras_and_strengths_on_the_page_match_the_library(app, demo_sdxl_
     klora.detach()
     try:
         info = set_stack(client, f"{style} 0.5", uploads=[content], upload_scales="-0.25", content_scale=0.8)
-        assert f"extra LoRA 1 '{style}' at scale 0.5" in info
+        assert "extra LoRA 1 'demo_style_lora.safetensors' at scale 0.5" in info
         assert "extra LoRA (uploaded 'demo_content_lora.safetensors') at scale -0.25" in info
         assert "strengths: content 0.8, style 1" in info
         reply = call(client)
         assert np.array_equal(pixels(reply.image), pixels(want))
         log = read_json(reply.selection_log)
         assert log["generations"] == want_log["generations"] and log["layers"] == want_log["layers"]
-        for fields, message in ((dict(extra_paths=f"{style} 0"), "finite number other than 0"),
-                                (dict(uploads=[content], upload_scales="x"), "numbers, e.g. 0.8"),
-                                (dict(extra_paths="/no/such.safetensors"), "no such file or folder"),
-                                (dict(content_scale=0), "content scale must be a number other than 0")):
+        bounded = r"must be a finite number other than 0, from -100 to 100 \(0 would apply nothing\), got "
+        for fields, message in (
+                (dict(extra_paths=f"{style} 0"), "extra LoRA 1 scale " + bounded + "0"),
+                # Each of these was accepted, and blackened every visitor's pictures (1e308 overflowed).
+                (dict(extra_paths=f"{style} 1e308"), "extra LoRA 1 scale " + bounded + r"1e\+308"),
+                (dict(extra_paths=f"{content} 0.5\n{style} 1e30"), "extra LoRA 2 scale " + bounded + r"1e\+30"),
+                (dict(extra_paths=f"{style} inf"), "extra LoRA 1 scale " + bounded + "inf"),
+                (dict(uploads=[content], upload_scales="1e30"),
+                 "scale 1 of the uploaded extra LoRAs " + bounded + r"1e\+30"),
+                (dict(content_scale=1e30), "content strength " + bounded + r"1e\+30"),
+                (dict(content_scale=1e308), "content strength " + bounded + r"1e\+308"),
+                (dict(style_scale=-1e38), "style strength " + bounded + r"-1e\+38"),
+                (dict(content_scale=0), "content strength " + bounded + "0"),
+                (dict(content_scale="nan"), "content strength " + bounded + "nan"),  # a string, as an API may send
+                (dict(style_scale="1e309"), "style strength " + bounded + "inf"),
+                (dict(uploads=[content], upload_scales="x"), "numbers, e.g. 0.8"),
+                (dict(extra_paths="/no/such.safetensors"), "no such file or folder")):
             with pytest.raises(AppError, match=message) as caught:
                 set_stack(client, **fields)
             assert "\n" not in str(caught.value.message)
+        # gradio_client sends no NaN or infinity; plain HTTP does (Python's JSON reads them).
+        for content_scale, style_scale, message in ((math.inf, 1.0, "content strength " + bounded + "inf"),
+                                                    (1.0, math.nan, "style strength " + bounded + "nan")):
+            event, data = raw_call(demo.local_url, "set_stack", ["", None, "", content_scale, style_scale])
+            assert event == "error" and re.fullmatch(message, data["error"])
         assert np.array_equal(pixels(call(client).image), pixels(want))  # a refusal keeps the stack
+        # Another visitor never had these extra LoRAs: the server's LoRAs alone.
+        fresh = call(Client(demo.local_url, verbose=False))
+        assert np.array_equal(pixels(fresh.image), pixels(reference(content, style, *SETTINGS[0])[0]))
     finally:
         info = set_stack(client)
     assert "extra LoRA" not in info and "strengths" not in info
+
+
+# --- each session's own LoRAs ------------------------------------------------------------
+
+def test_each_session_generates_with_its_own_loras(app, reference, demo_sdxl_loras, tiny_sdxl_dir, request):
+    """Three sessions (swapped LoRAs; an extra LoRA and a strength; the server's), their requests interleaved:
+    each picture is the library's with that session's settings, and each request says it re-attached."""
+    from gradio_client import Client
+
+    from klora.fusion import KLoRA
+    from klora.pipelines import load_pipeline
+
+    demo, studio, _ = app
+    content, style = demo_sdxl_loras
+    pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
+
+    def stacked(method, pattern, alpha, beta, steps, guidance, seed, width, height, negative):
+        klora = KLoRA(pipe, content, style, pattern=pattern, alpha=alpha, beta=beta, method=method,
+                      extra_loras=[(style, 0.5)], content_scale=0.8)
+        try:
+            return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                        generator=torch.Generator("cpu").manual_seed(seed)).images[0], klora.selection_log()
+        finally:
+            klora.detach()
+
+    settings = SETTINGS[:2]
+    want = {"swapped": [reference(style, content, *one)[::2] for one in settings],
+            "stacked": [stacked(*one) for one in settings],
+            "server's": [reference(content, style, *one)[::2] for one in settings]}
+    sessions = {name: Client(demo.local_url, verbose=False) for name in want}
+    switch(sessions["swapped"], content_upload=style, style_path=content)
+    set_stack(sessions["stacked"], f"{style} 0.5", content_scale=0.8)
+    loads = request.getfixturevalue("loads")
+    for i, one in enumerate(settings):
+        for name, client in sessions.items():
+            reply = call_with(client, one)
+            want_image, want_log = want[name][i]
+            assert np.array_equal(pixels(reply.image), pixels(want_image)), (name, one)
+            got_log = read_json(reply.selection_log)
+            assert got_log["generations"] == want_log["generations"] and got_log["layers"] == want_log["layers"]
+            assert re.search(r" steps; this session's LoRAs re-attached first: \d+\.\d\d s\) · ", reply.summary), name
+    # Six re-attaches (every request followed another session's), and no file read again for them.
+    assert counts(loads) == {"pipelines": 0, "models": 0, "lora reads": 0, "attach": 6, "detach": 6}
+    # The settings differ enough to tell the sessions apart.
+    images = [pixels(want[name][0][0]) for name in want]
+    assert not any(np.array_equal(a, b) for a, b in ((images[0], images[1]), (images[0], images[2]),
+                                                     (images[1], images[2])))
+    # A session's next request, with nothing in between, does not re-attach.
+    again = call_with(sessions["server's"], settings[0])
+    assert "re-attached" not in again.summary and loads["attach"].calls == 6
+    assert "content LoRA 'demo_content_lora.safetensors', style LoRA 'demo_style_lora.safetensors'" in again.summary
+
+
+def test_the_library_bounds_strengths_too(tiny_sdxl_dir, demo_sdxl_loras):
+    from klora.errors import KLoRAError
+    from klora.fusion import KLoRA
+    from klora.pipelines import load_pipeline
+
+    content, style = demo_sdxl_loras
+    pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
+    bounded = r"must be a finite number other than 0, from -100 to 100 \(0 would apply nothing\), got "
+    for options, message in ((dict(extra_loras=[(style, 0.5), (content, 1e308)]), r"extra_loras\[1\] scale "),
+                             (dict(extra_loras=[(style, math.inf)]), "extra_loras scale "),
+                             (dict(content_scale=1e30), "content_scale "), (dict(style_scale=-100.5), "style_scale ")):
+        with pytest.raises(KLoRAError, match="^" + message + bounded):
+            KLoRA(pipe, content, style, **options)
+    KLoRA(pipe, content, style, content_scale=-100, style_scale=100, extra_loras=[(style, 100)]).detach()
 
 
 # --- queue and cancel --------------------------------------------------------------
@@ -421,8 +624,10 @@ def test_one_generation_at_a_time_and_cancel_stops_only_the_own_one(app, referen
     from gradio_client.exceptions import AppError
     from gradio_client.utils import Status
 
-    demo, studio, client = app
-    other = Client(demo.local_url, verbose=False)
+    demo, studio, _ = app
+    # Two new sessions, both with the server's LoRAs, attached before the pipeline is wrapped below.
+    client, other = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+    call(client, steps=1)
     runs = []  # (start, end, steps) of every pipeline call
 
     class Timed:
@@ -472,12 +677,15 @@ def test_binds_loopback_and_serves_no_named_path(app, demo_sdxl_loras, tiny_sdxl
 
     import httpx
 
-    demo, _, client = app
+    demo, _, _ = app
     assert demo.local_url.startswith("http://127.0.0.1:")
-    reply = call(client)
     base = demo.local_url.rstrip("/")
-    # The generated image and selection log are served from gradio's cache ...
-    for path in (reply.image, reply.selection_log):
+    event, outputs = raw_call(base, "generate", list(FIELDS.values()))
+    assert event == "complete"
+    made = [outputs[0]["path"], outputs[3]["path"]]  # the image and the selection log, as the server has them
+    # The generated image and selection log are served from the page's own folder ...
+    for path in made:
+        assert Path(path).is_relative_to(demo.page_files.outputs)
         assert httpx.get(f"{base}/gradio_api/file={path}").status_code == 200
     # ... the LoRA files, the model folder and the working directory are not.
     for path in (demo_sdxl_loras[0], os.path.join(tiny_sdxl_dir, "model_index.json"),
@@ -485,18 +693,95 @@ def test_binds_loopback_and_serves_no_named_path(app, demo_sdxl_loras, tiny_sdxl
         assert httpx.get(f"{base}/gradio_api/file={path}").status_code in (403, 404), path
 
 
-def test_serve_defaults(monkeypatch):
-    from klora.app import Limits, serve
+def test_files_the_page_did_not_make_are_not_served(app, tmp_path):
+    """Planted files in the system temp folder and in gradio's shared folder, uploads (refused or never used)
+    and gradio_client's downloads: all 403. gradio alone served the shared folder and every upload."""
+    import tempfile
 
+    import httpx
+    from gradio.utils import get_upload_folder
+
+    demo, _, client = app
+    base = demo.local_url.rstrip("/")
+    planted = []
+    for folder in (Path(tempfile.gettempdir()), Path(get_upload_folder()), Path(get_upload_folder()) / "planted"):
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / f"klora-planted-{tmp_path.name}.txt"
+        file.write_text("another process's file")
+        planted.append(file)
+    uploaded = httpx.post(f"{base}/gradio_api/upload", files=[
+        ("files", ("page.html", b"<script>alert(1)</script>", "text/html")),
+        ("files", ("lora.bin", b"pickle", "application/octet-stream"))]).json()
+    assert all(Path(path).is_relative_to(demo.page_files.uploads) for path in uploaded)  # its own folder
+    try:
+        reply = call(client)  # gradio_client downloads it into gradio's shared folder on this machine
+        for path in planted + uploaded + [reply.image]:
+            assert Path(path).exists()
+            assert httpx.get(f"{base}/gradio_api/file={path}").status_code == 403, path
+            assert httpx.head(f"{base}/gradio_api/file={path}").status_code == 403, path
+        # A path that leaves the outputs folder through ".." is judged where it leads (the dots are
+        # percent-encoded, or httpx would resolve them before sending).
+        escape = f"{demo.page_files.outputs}/%2E%2E/%2E%2E/{planted[2].parent.name}/{planted[2].name}"
+        assert httpx.get(f"{base}/gradio_api/file={escape}").status_code == 403
+    finally:
+        for file in planted:
+            file.unlink()
+
+
+def test_the_pages_folder_goes_when_it_closes(tiny_sdxl_dir, demo_sdxl_loras):
+    from klora.app import Defaults, Studio
+    from klora.pipelines import load_pipeline
+
+    studio = Studio(load_pipeline(tiny_sdxl_dir, device="cpu"), *demo_sdxl_loras,
+                    defaults=Defaults(prompt=PROMPT, steps=2, height=64, width=64))
+    page = served(studio)
+    with page as client:
+        folders = [studio._outputs, page.demo.page_files.root]
+        call(client, steps=2)
+        assert all(folder.is_dir() and any(folder.iterdir()) for folder in folders)
+    assert not any(folder.exists() for folder in folders)
+
+
+def test_serve_defaults(app, monkeypatch):
+    from klora.app import Limits, build_app, serve
+
+    _, studio, _ = app
+    page = build_app(studio)
     seen = {}
+    monkeypatch.setattr(page, "launch", lambda **kwargs: seen.update(kwargs))
+    serve(page, Limits(max_upload="5mb", max_sessions=7), prevent_thread_lock=True)
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["show_error"] is False
+    assert seen["allowed_paths"] == [str(page.page_files.outputs)] and seen["max_file_size"] == "5mb"
+    assert seen["state_session_capacity"] == 7
+    page.close()
+    assert not page.page_files.root.exists()
 
-    class FakeBlocks:
-        def launch(self, **kwargs):
-            seen.update(kwargs)
 
-    serve(FakeBlocks(), Limits(max_upload="5mb"))
-    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
-    assert seen["allowed_paths"] == [] and seen["max_file_size"] == "5mb"
+def test_config_and_info_name_files_not_server_paths(tiny_sdxl_dir, demo_sdxl_loras):
+    """/config (the page as the browser gets it), the LoRA info box and the selection log offered for download
+    name the model and the LoRAs by file name, not by where they are on the server, under --uploads_only too."""
+    import httpx
+    from gradio_client import Client
+
+    from klora.app import Defaults, Studio
+    from klora.pipelines import load_pipeline
+
+    content, style = demo_sdxl_loras
+    folders = [str(Path(content).parent), str(Path(tiny_sdxl_dir).parent)]
+    studio = Studio(load_pipeline(tiny_sdxl_dir, device="cpu"), content, style, extra_loras=[(style, 0.5)],
+                    model_label=tiny_sdxl_dir, defaults=Defaults(prompt=PROMPT, steps=2, height=64, width=64))
+    page = served(studio, typed_lora_paths=False)
+    with page as client:
+        config = httpx.get(f"{page.demo.local_url.rstrip('/')}/config").text
+        for name in ("`tiny-sdxl`", "content LoRA 'demo_content_lora.safetensors'",
+                     "style LoRA 'demo_style_lora.safetensors'", "extra LoRA 1 'demo_style_lora.safetensors'"):
+            assert name in config
+        log = read_json(call(client, steps=2).selection_log)
+        assert log["content"] == "content LoRA 'demo_content_lora.safetensors'"
+        info = set_stack(client, uploads=[content], upload_scales="0.5")
+        assert "extra LoRA (uploaded 'demo_content_lora.safetensors') at scale 0.5" in info
+        for text in (config, json.dumps(log), info):
+            assert not any(folder in text for folder in folders)
 
 
 def test_page_queue_settings(app):
@@ -538,15 +823,15 @@ def tiny_wan22(tmp_path_factory):
 class served:
     """``with served(studio) as client``: the page over ``studio`` on 127.0.0.1, closed afterwards."""
 
-    def __init__(self, studio):
-        self.studio = studio
+    def __init__(self, studio, **page_options):
+        self.studio, self.page_options = studio, page_options
 
     def __enter__(self):
         from gradio_client import Client
 
         from klora.app import build_app, serve
 
-        self.demo = build_app(self.studio)
+        self.demo = build_app(self.studio, **self.page_options)
         serve(self.demo, self.studio.limits, prevent_thread_lock=True, quiet=True)
         return Client(self.demo.local_url, verbose=False)
 
@@ -650,7 +935,7 @@ def test_qwen_image_page_with_true_cfg_matches_the_library(tiny_qwen):
                   generator=torch.Generator("cpu").manual_seed(5), **extra)
     output, log = library_call(model, content, style, {**direct, "negative_prompt": "blurry", "true_cfg_scale": 2.5})
     assert np.array_equal(pixels(reply.image), pixels(output.images[0]))
-    assert read_json(reply.selection_log) == log
+    assert read_json(reply.selection_log) == named(log)
     assert np.array_equal(pixels(reply.selection_map), pixels(selection_map.render(log)))
     # True CFG really ran: without the negative prompt the image differs.
     direct["generator"] = torch.Generator("cpu").manual_seed(5)
@@ -697,7 +982,7 @@ def test_wan22_page_serves_the_clip_of_the_library(tiny_wan22, tmp_path):
     assert np.abs(clip.astype(np.float64) - frames * 255).mean() < 12
     # Both experts ran and are logged, and the JSON is the library's log of the same run.
     got = read_json(reply.selection_log)
-    assert got == log
+    assert got == named(log)
     assert got["denoisers"] == ["transformer", "transformer_2"]
     assert [s["component"] for s in got["generations"][0]["steps"]] == ["transformer"] * 4 + ["transformer_2"] * 4
     assert np.array_equal(pixels(reply.selection_map), pixels(selection_map.render(log)))
@@ -711,14 +996,17 @@ def test_high_low_pairs_reach_the_experts_and_a_switch_replaces_both_files(tiny_
     model, content, style = tiny_wan22
     studio = Studio(load_pipeline(model, device="cpu"), content, style, content_2=style, style_2=content)
     try:
+        content, style = Path(content).name, Path(style).name  # the page names files, not paths
+        assert content != style
         labels = studio.klora.labels
         assert (content in labels["content"] and style in labels["content_2"] and style in labels["style"]
                 and content in labels["style_2"])
         assert studio.describe_loras().count("second expert") == 2
-        studio.switch_loras(content=style)  # a new content LoRA goes into both experts
-        assert set(studio.files) == {"content", "style", "style_2"}
+        setup = studio.switch_loras(content=tiny_wan22[2])  # a new content LoRA goes into both experts
+        assert set(setup.files) == {"content", "style", "style_2"} and studio.attached(setup)
         assert set(studio.klora.labels) == {"content", "style", "style_2"}
         assert style in studio.klora.labels["content"]
+        assert set(studio.setup.files) == {"content", "content_2", "style", "style_2"}  # the server's stay
     finally:
         studio.close()
 
@@ -741,7 +1029,7 @@ def test_switching_and_progress_chosen_at_launch_reach_the_engine(tiny_sdxl_dir,
         prompt=PROMPT, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
         generator=torch.Generator("cpu").manual_seed(4)), switching="adapters", progress="noise")
     assert np.array_equal(pixels(result.image), pixels(output.images[0]))
-    assert got == log and (got["switching"], got["progress"]) == ("adapters", "noise")
+    assert got == named(log) and (got["switching"], got["progress"]) == ("adapters", "noise")
     # Progress by noise level is not step / steps here (the scheduler's "leading" timesteps end near t = 1).
     assert [s["progress"] for s in got["generations"][0]["steps"]] != [0, 1 / 3, 2 / 3]
     with pytest.raises(KLoRAError, match="switching must be one of fused, adapters"):
@@ -765,6 +1053,11 @@ def test_script_usage_error_is_one_line():
     (["--family", "auto"], "--pretrained_model_name_or_path is required"),  # "auto" is what it always does
     (["--max_frames", "0"], "--max_frames 0: must be at least 1"),
     (["--demo_family", "wan22"], "--demo_family picks the tiny model of --demo; add --demo"),
+    (["--content_scale", "1e30"], r"--content_scale 1e\+30: must be a finite number other than 0, from -100 to 100"),
+    (["--style_scale=-1e38"], r"--style_scale -1e\+38: must be a finite number other than 0, from -100 to 100"),
+    (["--content_scale", "inf"], "--content_scale inf: must be a finite number other than 0"),
+    (["--extra_lora", "x.safetensors", "--extra_lora_scale", "1e308"],
+     r"--extra_lora_scale 1e\+308: must be a finite number other than 0, from -100 to 100$"),
 ])
 def test_script_checks_its_arguments_before_loading(args, message):
     import inference_gradio
@@ -789,6 +1082,60 @@ def test_script_rejects_unknown_switching_and_progress(capsys):
             inference_gradio.main([flag, "sometimes"])
         assert caught.value.code == 2
         assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_pages_files(tmp_path):
+    """``inference_gradio.py --demo`` as a service manager stops it: after SIGTERM nothing the page made is
+    left in the temporary folder (its outputs, its selection logs, its served folder, the demo model)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    from conftest import ROOT
+    from gradio_client import Client
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, TMPDIR=str(temp), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("GRADIO_TEMP_DIR", None)  # gradio's shared folder is then TMPDIR/gradio
+    server = subprocess.Popen([sys.executable, str(ROOT / "inference_gradio.py"), "--demo", "--demo_family", "sdxl",
+                               "--server_port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.communicate()
+            try:
+                if httpx.get(f"{url}/config").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the page never answered"
+            time.sleep(0.5)
+        client = Client(url, verbose=False)
+        set_stack(client, uploads=[str(next(temp.rglob("demo_style_lora.safetensors")))])  # an upload
+        call(client, steps=2, width=64, height=64)
+        made = {path.name.split("-")[1] for path in temp.rglob("klora-*") if path.is_dir()}
+        assert made == {"gradio", "page"}  # the demo's scratch folder; the page's outputs and served folder
+        assert len(list(temp.rglob("klora-page-*"))) == 2
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, err
+    left = sorted(str(path.relative_to(temp)) for path in temp.rglob("*"))
+    assert not [path for path in left if "klora" in path], left
+    assert not [path for path in temp.rglob("*") if path.is_file()], left
 
 
 @pytest.fixture
@@ -838,7 +1185,8 @@ def test_script_demo_of_a_video_family_with_launch_options(launched):
     (["--demo", "--demo_family", "wan22", "--num_frames", "6"],
      r"--num_frames 6: Wan takes 4k \+ 1 \(1, 5, 9, \.\.\.\) frames"),
     (["--demo", "--demo_family", "wan22", "--fps", "0"], "--fps 0: must be from 1 to 120"),
-    (["--demo", "--num_frames", "5"], "--num_frames: Stable Diffusion XL makes images, not videos"),
+    (["--demo", "--demo_family", "sdxl", "--num_frames", "5"],
+     "--num_frames: Stable Diffusion XL makes images, not videos"),
 ])
 def test_script_checks_video_flags_against_the_model(launched, args, message):
     import inference_gradio
