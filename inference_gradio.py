@@ -90,10 +90,11 @@ def main(argv=None) -> None:
             if not getattr(args, flag):
                 raise cli.KLoRAError(f"--{flag} is required (or run --demo to try the tiny built-in model)")
 
-    from klora.app import Defaults, Limits, Studio, build_app, gamma_text, serve
+    from klora.app import Defaults, Limits, Studio, build_app, gamma_text, interrupt_on_sigterm, serve
     from klora.pipelines import load_pipeline
 
-    with tempfile.TemporaryDirectory(prefix="klora-gradio-") as scratch:
+    # Stopped by SIGTERM, even while it loads, its temporary folders go as with Ctrl+C.
+    with interrupt_on_sigterm(), tempfile.TemporaryDirectory(prefix="klora-gradio-") as scratch:
         if args.demo:
             pipe, initial, call_kwargs = _prepare_demo(args, scratch)
         else:

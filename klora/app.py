@@ -269,6 +269,9 @@ class Studio:
                       self._extra_files(extra_loras_2, " (second expert)") or None,
                       _strength(content_scale, "content_scale"), _strength(style_scale, "style_scale"))
         self._outputs = Path(tempfile.mkdtemp(prefix="klora-page-"))
+        # Removed by close(), or when this Studio is collected or the interpreter exits (a SIGTERM turned
+        # into KeyboardInterrupt by ``interrupt_on_sigterm`` while it loads).
+        self._remove_outputs = weakref.finalize(self, shutil.rmtree, str(self._outputs), True)
         self._generation = 0
         self.klora: KLoRA | None = None
         self._attached: Setup | None = None
@@ -540,7 +543,7 @@ class Studio:
 
     def close(self) -> None:
         self.klora.detach()
-        shutil.rmtree(self._outputs, ignore_errors=True)
+        self._remove_outputs()
 
 
 def gamma_text(gamma) -> str:
@@ -961,22 +964,26 @@ def serve(demo, limits: Limits | None = None, *, server_name: str = "127.0.0.1",
                                "lifespan": files.lifespan})
     if prevent_thread_lock:
         return demo.launch(prevent_thread_lock=True, **options)
-    restore = _sigterm_interrupts()
     try:
-        return demo.launch(**options)
+        with interrupt_on_sigterm():
+            return demo.launch(**options)
     finally:
-        restore()
         demo.close()
 
 
-def _sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt in the main thread (gradio then closes the server, and the
-    ``finally`` blocks up the stack run); returns what puts the previous handler back."""
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """Within it, SIGTERM (a service manager's stop) raises KeyboardInterrupt in the main thread, as Ctrl+C
+    does: gradio closes the server and the ``finally`` blocks up the stack run, so temporary folders go."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        yield
+        return
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -283,8 +283,10 @@ def test_inputs_only_gradio_can_answer_leave_the_page_serving(app, reference, de
     in a slider and too few inputs fail inside gradio before the page sees them: gradio answers with an error
     event and no message (docs/gradio.md says so); the page goes on serving."""
     demo, _, _ = app
-    fields = list(FIELDS)
-    with_value = lambda name, value: [value if field == name else FIELDS[field] for field in fields]  # noqa: E731
+
+    def with_value(name, value):
+        return [value if field == name else default for field, default in FIELDS.items()]
+
     assert raw_call(demo.local_url, "generate", with_value("seed", math.nan)) == ("error", {
         "error": "seed must be a whole number from 0 to 4294967295, got nan", "duration": 10, "visible": True,
         "title": "Error"})
