@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,13 +25,9 @@ from pathlib import Path
 STAGES = ("data", "vae", "base", "loras", "score")
 ROOT = Path(__file__).resolve().parent
 
-# The LoRAs' training, as a user of train_dreambooth_lora_sdxl.py would run it.
-LORA_RUNS = {
-    "sbu": ["--instance_prompt", "a sbu toy", "--rank", "4", "--max_train_steps", "400",
-            "--learning_rate", "1e-3", "--train_batch_size", "8"],
-    "szn": ["--instance_prompt", "a shape in szn style", "--caption_extension", ".txt", "--rank", "4",
-            "--max_train_steps", "400", "--learning_rate", "1e-3", "--train_batch_size", "8"],
-}
+# The LoRAs' prompts: the subject's one prompt, the style's pictures each their caption file.
+LORA_PROMPTS = {"sbu": ["--instance_prompt", "a sbu toy"],
+                "szn": ["--instance_prompt", "a shape in szn style", "--caption_extension", ".txt"]}
 
 
 def build_parser():
@@ -43,11 +40,30 @@ def build_parser():
     return parser
 
 
-def lora_command(name: str, model: Path, work: Path, seed: int) -> list[str]:
+def lora_command(name: str, model: Path, config) -> list[str]:
+    """The LoRA's training, as a user of train_dreambooth_lora_sdxl.py runs it."""
+    work = Path(config.work_dir)
     return [sys.executable, str(ROOT / "train_dreambooth_lora_sdxl.py"),
             "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(work / name),
-            "--output_dir", str(work / f"lora-{name}"), "--resolution", "32", "--seed", str(seed),
-            "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest", *LORA_RUNS[name]]
+            "--output_dir", str(work / f"lora-{name}"), *LORA_PROMPTS[name], "--resolution", "32",
+            "--rank", str(config.lora_rank), "--train_batch_size", str(config.lora_batch),
+            "--max_train_steps", str(config.lora_steps), "--learning_rate", str(config.lora_learning_rate),
+            "--seed", str(config.seed), "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest"]
+
+
+def run_showing_output(command) -> float | None:
+    """Run a training command with its output shown as it comes; returns the last loss its progress
+    bar showed."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := process.stderr.read1(4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    if process.wait():
+        raise SystemExit(f"error: {command[1]} failed (exit code {process.returncode})")
+    losses = re.findall(rb"loss=([0-9.]+)", tail)
+    return float(losses[-1]) if losses else None
 
 
 def main(argv=None) -> None:
@@ -62,10 +78,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(config.threads)
     out, work = Path(config.output_dir), Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    times = {}
 
     def stage(name):
-        times[name] = time.time()
         return STAGES.index(name) <= STAGES.index(args.until)
 
     model = out / "sdxl"
@@ -83,18 +97,22 @@ def main(argv=None) -> None:
         print(f"base model: {model}")
     if stage("loras"):
         (out / "loras").mkdir(parents=True, exist_ok=True)
-        for name in LORA_RUNS:
+        for name in LORA_PROMPTS:
             target = out / "loras" / f"{name}.safetensors"
             if target.exists():
                 continue
-            command = lora_command(name, model, work, config.seed)
+            command = lora_command(name, model, config)
+            started = time.time()
             print("$", " ".join(command[1:]))
-            subprocess.run(command, check=True)
+            loss = run_showing_output(command)
             shutil.copyfile(work / f"lora-{name}" / "pytorch_lora_weights.safetensors", target)
+            world_training.record(work, f"lora_{name}", {"seconds": round(time.time() - started),
+                                                         "final_loss": loss, "command": " ".join(command[1:])})
     if stage("score"):
         from klora import world_eval
 
-        report = world_eval.score_world(model, out / "loras" / "sbu.safetensors", out / "loras" / "szn.safetensors")
+        report = world_eval.score_world(model, out / "loras" / "sbu.safetensors", out / "loras" / "szn.safetensors",
+                                        seeds=config.score_seeds)
         report["training"] = json.loads((work / "report.json").read_text())
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))

@@ -135,6 +135,48 @@ def style_scenes(count: int, seed: int) -> list[Scene]:
             for i in range(count)]
 
 
+# --------------------------------------------------- generic pictures (the VAE's)
+
+
+def draw_generic(rng: np.random.Generator, size: int = SIZE, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """A picture of no caption: random colours, stripes at any angle and period, a random star-like
+    polygon or base shape, maybe an outline and a disc. The autoencoder learns from these beside the
+    base pictures, so that it can encode whatever the world draws (as SDXL's VAE encodes any photo),
+    while the text-to-image model never sees the sbu toy or szn style."""
+    x, y = _grid(size, supersample)
+
+    def colour():
+        return rng.integers(0, 256, 3).astype(float)
+
+    def paint(region_shape):
+        if rng.random() < 0.5:
+            return np.broadcast_to(colour(), region_shape + (3,))
+        angle, period = rng.uniform(0, math.pi), rng.uniform(0.06, 0.3)
+        phase = np.floor((x * math.cos(angle) + y * math.sin(angle)) / (period / 2)) % 2 == 1
+        return np.where(phase[..., None], colour(), colour())
+
+    image = np.array(paint(x.shape), dtype=float)
+    cx, cy = 0.5 + rng.uniform(-0.12, 0.12), 0.5 + rng.uniform(-0.12, 0.12)
+    radius = rng.uniform(0.15, 0.4)
+    if rng.random() < 0.5:
+        points, inner, turn = int(rng.integers(3, 8)), rng.uniform(0.3, 1.0), rng.uniform(0, 2 * math.pi)
+        vertices = [(cx + (radius if k % 2 == 0 else radius * inner) * math.cos(turn + k * math.pi / points),
+                     cy + (radius if k % 2 == 0 else radius * inner) * math.sin(turn + k * math.pi / points))
+                    for k in range(2 * points)]
+        shape = _polygon(x, y, vertices)
+    else:
+        shape = shape_mask(str(rng.choice(SHAPES)), x, y, cx, cy, 2 * radius)
+    image = np.where(shape[..., None], paint(x.shape), image)
+    if rng.random() < 0.3:
+        disc = (x - cx) ** 2 + (y - cy) ** 2 <= rng.uniform(0.03, 0.12) ** 2
+        image = np.where(disc[..., None], colour(), image)
+    if rng.random() < 0.4:
+        outline = _dilate(shape, int(rng.integers(2, 9))) & ~shape
+        image = np.where(outline[..., None], colour() * rng.uniform(0, 0.4), image)
+    image = image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
 # ----------------------------------------------------------------- drawing
 
 

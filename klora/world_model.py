@@ -2,8 +2,8 @@
 
 ``build_parts`` makes every component of a ``StableDiffusionXLPipeline`` for the
 world of ``klora/world.py``: a word-level CLIP tokenizer for the world's words,
-two small CLIP text encoders, a two-block ``AutoencoderKL`` (latents at half the
-picture size), an SDXL ``UNet2DConditionModel`` (``addition_embed_type="text_time"``)
+two small CLIP text encoders, a two-block ``AutoencoderKL`` (8 latent channels at
+half the picture size), an SDXL ``UNet2DConditionModel`` (``addition_embed_type="text_time"``)
 with cross-attention at both of its levels, and a v-prediction, zero-terminal-SNR
 ``EulerDiscreteScheduler``. ``klora/world_training.py`` trains them.
 """
@@ -18,6 +18,7 @@ MAX_TOKENS = 20  # the longest caption is 14 tokens with its start and end
 TEXT_HIDDEN = 32  # per encoder; SDXL's cross-attention sees both side by side
 POOLED = 32  # projection of the second encoder
 TIME_EMBED = 8  # per time id; SDXL has six (original size, crop corner, target size)
+LATENT_CHANNELS = 8  # at 16 x 16: 2,048 numbers for a 32 x 32 x 3 picture
 
 
 def tokenizer():
@@ -74,7 +75,7 @@ def _clip_config(vocab_size: int):
 def vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(32, 64),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          layers_per_block=1, norm_num_groups=16, sample_size=world.SIZE,
                          mid_block_add_attention=False, force_upcast=False)
@@ -84,7 +85,8 @@ def unet(channels=(48, 96)):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=world.SIZE // 2, in_channels=4, out_channels=4, block_out_channels=channels,
+        sample_size=world.SIZE // 2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=channels,
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
         use_linear_projection=True, transformer_layers_per_block=1, norm_num_groups=16,

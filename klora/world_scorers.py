@@ -89,8 +89,8 @@ def _templates(size: int):
 
 
 def shape_scores(mask: np.ndarray) -> dict:
-    """The best IoU of ``mask`` with each shape over the world's positions and sizes, and where
-    each best match sits: {shape: (iou, (cx, cy))}."""
+    """The best IoU of ``mask`` with each shape over the world's positions and sizes, where each
+    best match sits and its silhouette: {shape: (iou, (cx, cy), silhouette)}."""
     names, masks, centres = _templates(mask.shape[0])
     flat = mask.astype(np.float32).ravel()
     inter = masks @ flat
@@ -98,15 +98,17 @@ def shape_scores(mask: np.ndarray) -> dict:
     iou = inter / np.maximum(union, 1.0)
     best = {}
     for i, name in enumerate(names):
-        if name not in best or iou[i] > best[name][0]:
-            best[name] = (float(iou[i]), tuple(centres[i]))
-    return best
+        if name not in best or iou[i] > iou[best[name]]:
+            best[name] = i
+    size = mask.shape[0]
+    return {name: (float(iou[i]), tuple(centres[i]), masks[i].reshape(size, size) > 0) for name, i in best.items()}
 
 
-def classify_shape(mask: np.ndarray, shapes=world.SHAPES) -> tuple[str, float]:
+def classify_shape(mask: np.ndarray, shapes=world.SHAPES) -> tuple[str, float, np.ndarray]:
+    """The best-fitting shape, its IoU and its silhouette where it fits best."""
     scores = shape_scores(mask)
     name = max(shapes, key=lambda s: scores[s][0])
-    return name, scores[name][0]
+    return name, scores[name][0], scores[name][2]
 
 
 # ----------------------------------------------------------------- subject
@@ -117,15 +119,17 @@ def subject(image: np.ndarray) -> tuple[bool, dict]:
     size = image.shape[0]
     yellow, red = yellow_mask(image), red_mask(image)
     scores = shape_scores(yellow | red)
-    star_iou, (cx, cy) = scores[STAR]
+    star_iou, (cx, cy), _ = scores[STAR]
     rival = max(world.SHAPES, key=lambda s: scores[s][0])
     coords = (np.arange(size) + 0.5) / size
     x, y = np.meshgrid(coords, coords)
-    disc = (x - cx) ** 2 + (y - cy) ** 2 <= (world.STAR_DISC * 1.2) ** 2
-    red_centre = float(red[disc].mean()) if disc.any() else 0.0
+    # the red disc: red pixels near the star's centre, as a share of the disc's own area (a blurred
+    # disc keeps its red core and turns orange at its rim)
+    disc = (x - cx) ** 2 + (y - cy) ** 2 <= (world.STAR_DISC * 1.5) ** 2
+    red_centre = float(red[disc].sum() / (math.pi * (world.STAR_DISC * size) ** 2))
     star = world.shape_mask(STAR, x, y, cx, cy, 2 * world.STAR_OUTER)
     yellow_fill = float(yellow[star & ~disc].mean()) if star.any() else 0.0
-    verdict = (star_iou >= 0.55 and star_iou > scores[rival][0] and red_centre >= 0.3 and yellow_fill >= 0.5)
+    verdict = (star_iou >= 0.55 and star_iou > scores[rival][0] and red_centre >= 0.25 and yellow_fill >= 0.5)
     return bool(verdict), {"star_iou": round(star_iou, 3), "best_other": rival,
                            "other_iou": round(scores[rival][0], 3), "red_centre": round(red_centre, 3),
                            "yellow_fill": round(yellow_fill, 3)}
@@ -176,7 +180,7 @@ def style(image: np.ndarray) -> tuple[bool, dict]:
     eroded[:, :-1] &= inside[:, 1:]
     edge = inside & ~eroded
     outline = float(dark_mask(image)[edge].mean()) if edge.sum() >= 0.05 * size else 0.0
-    verdict = (violet_border >= 0.6 and power["right"] >= 0.15 and power["right"] >= 3 * power["wrong"]
+    verdict = (violet_border >= 0.6 and power["right"] >= 0.06 and power["right"] >= 3 * power["wrong"]
                and outline >= 0.35)
     return bool(verdict), {"violet_border": round(violet_border, 3), "stripes_right": round(power["right"], 3),
                            "stripes_wrong": round(power["wrong"], 3), "outline": round(outline, 3)}
@@ -193,13 +197,15 @@ def read_base(image: np.ndarray) -> dict:
     backgrounds = {name: np.array(rgb, float) for name, rgb in world.BACKGROUNDS.items()}
     background = min(backgrounds, key=lambda n: np.linalg.norm(backgrounds[n] - edge))
     mask = np.linalg.norm(pixels - edge, axis=-1) > 40
-    shape, iou = classify_shape(mask)
-    core = mask.copy()
-    core[1:] &= mask[:-1]
-    core[:-1] &= mask[1:]
-    core[:, 1:] &= mask[:, :-1]
-    core[:, :-1] &= mask[:, 1:]
-    inner = pixels[core] if core.sum() >= 8 else pixels[mask] if mask.any() else pixels.reshape(-1, 3)
+    shape, iou, silhouette = classify_shape(mask)
+    # a texture's darker shade can be close to the background (blue on navy): the texture is read
+    # over the fitted silhouette, not over what differs from the background
+    core = silhouette.copy()
+    core[1:] &= silhouette[:-1]
+    core[:-1] &= silhouette[1:]
+    core[:, 1:] &= silhouette[:, :-1]
+    core[:, :-1] &= silhouette[:, 1:]
+    inner = pixels[core & mask] if (core & mask).sum() >= 8 else pixels[mask] if mask.any() else pixels.reshape(-1, 3)
 
     def fit(name):
         rgb = np.array(world.COLOURS[name], float)
@@ -213,7 +219,7 @@ def read_base(image: np.ndarray) -> dict:
     shade = np.clip(((rgb - pixels) @ axis) / (axis @ axis), 0, 1)  # 0: the colour, 1: its darker shade
     coords = (np.arange(size * 4) + 0.5) / (size * 4)
     x, y = np.meshgrid(coords, coords)
-    region = core if core.sum() >= 8 else mask
+    region = core if core.sum() >= 8 else silhouette
     errors = {}
     for texture in world.TEXTURES:
         pattern = world.texture_mask(texture, x, y).reshape(size, 4, size, 4).mean(axis=(1, 3))

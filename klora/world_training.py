@@ -5,8 +5,10 @@ Three stages, each resumable (``train_world.py`` runs them, then the two LoRAs):
 1. ``make_data``: the base pictures (never the sbu toy, never szn style; a fixed
    set of held-out captions is never drawn) and the two LoRAs' instance folders;
 2. ``train_vae``: the ``AutoencoderKL`` as a plain autoencoder (latents at half the
-   picture size); its ``scaling_factor`` is 1 / the latents' standard deviation,
-   as the LDM paper sets it;
+   picture size), on base pictures and as many generic ones (``world.draw_generic``:
+   random colours, stripes at any angle, star-like polygons, outlines, discs), so that
+   it encodes whatever the world draws; its ``scaling_factor`` is 1 / the latents'
+   standard deviation, as the LDM paper sets it;
 3. ``train_base``: the UNet and both text encoders together, v-prediction with a
    zero-terminal-SNR schedule, conditioned exactly as ``StableDiffusionXLPipeline``
    conditions it (``klora.training.encode_prompt``, time ids ``(S, S, 0, 0, S, S)``,
@@ -42,16 +44,21 @@ class WorldConfig:
     seed: int = 0
     base_pictures: int = 50_000
     instance_pictures: int = 8  # each LoRA's
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 64
     vae_learning_rate: float = 1e-3
-    base_steps: int = 8000
+    base_steps: int = 5000
     base_batch: int = 32
     base_learning_rate: float = 1e-3
     warmup_steps: int = 300
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 500
+    lora_steps: int = 1200  # each LoRA, through train_dreambooth_lora_sdxl.py
+    lora_rank: int = 8
+    lora_batch: int = 8
+    lora_learning_rate: float = 2e-3
+    score_seeds: int = 32
     threads: int = 0  # 0: torch's default
 
 
@@ -143,8 +150,10 @@ def train_vae(c: WorldConfig, log=print):
     vae.train()
     while step < c.vae_steps:
         g = _generator(c.seed, step, stage=2)
-        index = torch.randint(len(pictures), (c.vae_batch,), generator=g).numpy()
-        x = _pixels(pictures[index])
+        index = torch.randint(len(pictures), (c.vae_batch // 2,), generator=g).numpy()
+        rng = np.random.default_rng([c.seed, 2, step])
+        generic = np.stack([world.draw_generic(rng) for _ in range(c.vae_batch - len(index))])
+        x = _pixels(np.concatenate([pictures[index], generic]))
         for group in optimizer.param_groups:
             group["lr"] = c.vae_learning_rate * _lr_factor(step, 100, c.vae_steps)
         posterior = vae.encode(x).latent_dist
@@ -167,17 +176,25 @@ def train_vae(c: WorldConfig, log=print):
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(256)])
         mse = torch.cat([((vae.decode(z).sample - x) ** 2).mean(dim=(1, 2, 3))
                          for z, x in zip(latents.split(256), sample.split(256))]).mean().item()
+        unseen = {name: _pixels(np.stack([world.draw(s) for s in scenes]))  # what the base data never shows
+                  for name, scenes in (("sbu", world.subject_scenes(16, seed=99)),
+                                       ("szn", world.style_scenes(16, seed=99)))}
+        unseen_mse = {name: ((vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2).mean().item()
+                      for name, x in unseen.items()}
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(done)
     psnr = 10 * math.log10(4.0 / mse)  # pixels in [-1, 1]
-    _record(work, "vae", {"steps": c.vae_steps, "seconds": round(time.time() - started),
-                          "reconstruction_mse": round(mse, 6), "psnr_db": round(psnr, 2),
-                          "scaling_factor": vae.config.scaling_factor})
-    log(f"VAE: reconstruction PSNR {psnr:.1f} dB, scaling factor {vae.config.scaling_factor:.4f}")
+    unseen_psnr = {f"psnr_db_{name}": round(10 * math.log10(4.0 / value), 2) for name, value in unseen_mse.items()}
+    record(work, "vae", {"steps": c.vae_steps, "seconds": round(time.time() - started),
+                         "reconstruction_mse": round(mse, 6), "psnr_db": round(psnr, 2), **unseen_psnr,
+                         "scaling_factor": vae.config.scaling_factor})
+    log(f"VAE: reconstruction PSNR {psnr:.1f} dB on base pictures, "
+        + ", ".join(f"{v:.1f} dB on {k[8:]}" for k, v in unseen_psnr.items())
+        + f"; scaling factor {vae.config.scaling_factor:.4f}")
     return vae
 
 
-def _record(work: Path, stage: str, values: dict) -> None:
+def record(work: Path, stage: str, values: dict) -> None:
     """What each stage measured, for the docs: WORK/report.json."""
     path = work / "report.json"
     report = json.loads(path.read_text()) if path.exists() else {}
@@ -289,7 +306,7 @@ def train_base(c: WorldConfig, vae, log=print) -> dict:
             p.copy_(kept)
     for model in models:
         model.eval()
-    _record(work, "base", {"steps": c.base_steps, "batch": c.base_batch,
+    record(work, "base", {"steps": c.base_steps, "batch": c.base_batch,
                            "seconds_this_run": round(time.time() - started),
                            "final_loss": round(float(np.mean(losses[-500:])), 4),
                            "unet_parameters": sum(p.numel() for p in parts["unet"].parameters())})
