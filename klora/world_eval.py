@@ -206,9 +206,11 @@ def split_chart(curves: dict, steps: int, klora_shares: dict, title: str):
         legend.append((f"{key[1]} rate, {order}", colour, line_width))
     for name, shares in klora_shares.items():
         colour = (120, 120, 120) if name == "klora-s" else (0, 0, 0)
-        points = [xy(i + 0.5, v) for i, v in enumerate(shares)]
-        for a, b in zip(points[::2], points[1::2]):  # dashed
-            draw.line([a, b], fill=colour, width=2)
+        points = [xy(i + 0.5, v) for i, v in enumerate(shares)]  # step i lies between K = i and K = i + 1
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=1)
+        for x, y in points:
+            draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
         legend.append((f"{name}: share of layers on content", colour, 2))
     for i, (text, colour, line_width) in enumerate(legend):
         y = top + 10 + 24 * i

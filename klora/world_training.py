@@ -92,6 +92,7 @@ def make_data(c: WorldConfig, log=print) -> Path:
     from tqdm.auto import tqdm
 
     work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     rng = np.random.default_rng([c.seed, 1])
     held_out = frozenset(world.held_out_combinations())
     pictures = np.empty((c.base_pictures, world.SIZE, world.SIZE, 3), dtype=np.uint8)
@@ -105,6 +106,7 @@ def make_data(c: WorldConfig, log=print) -> Path:
     partial = work / "base.partial.npz"
     np.savez(partial, pictures=pictures, scenes=np.array(scenes))
     os.replace(partial, target)
+    record(work, "data", {"base_pictures": c.base_pictures, "seconds": round(time.time() - started)})
     log(f"data: {c.base_pictures} base pictures ({len(held_out)} caption combinations held out), "
         f"{c.instance_pictures} pictures each of sbu and szn")
     return target
