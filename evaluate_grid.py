@@ -50,6 +50,9 @@ def build_parser():
                         help="auto (CUDA if present; under accelerate launch, each process's own device), cpu, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     parser.add_argument("--output_folder", default=None, help=f"results folder (default results, {DEMO_FOLDER} with --demo)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="seeds of one method per pipeline call (default 1; more is faster on small models, "
+                             "and each image still depends on its own seed only)")
     parser.add_argument("--cell_size", type=int, default=256, help="pixels per image in the grid pictures (default 256)")
     parser.add_argument("--no_grids", action="store_true", help="only generate images, draw no grid pictures")
     parser.add_argument("--sweep", action="store_true",
@@ -94,6 +97,8 @@ def check_arguments(args) -> None:
         raise cli.KLoRAError("--seeds: non-negative, each seed once")
     if len(set(args.methods)) != len(args.methods):
         raise cli.KLoRAError("--methods: each method once")
+    if args.batch_size < 1:
+        raise cli.KLoRAError(f"--batch_size {args.batch_size}: must be at least 1")
     if not 16 <= args.cell_size <= 2048:
         raise cli.KLoRAError(f"--cell_size {args.cell_size}: between 16 and 2048, please")
     if not args.demo:
@@ -191,8 +196,15 @@ def _generate(pipe, jobs: list, args, state) -> int:
         mine = [job for job in jobs if job.pair == pair]
         klora = KLoRA(pipe, pair.content.lora, pair.style.lora, content_weight_name=pair.content.weight_name,
                       style_weight_name=pair.style.weight_name, alpha=args.alpha)
+        batches = []  # jobs of one method, at most --batch_size, generated in one pipeline call
+        for job in mine:
+            if batches and batches[-1][0].method == job.method and len(batches[-1]) < args.batch_size:
+                batches[-1].append(job)
+            else:
+                batches.append([job])
         try:
-            for job in mine:
+            for batch in batches:
+                job = batch[0]
                 split = G.parse_split(job.method)
                 callback = None
                 if split:
@@ -206,24 +218,26 @@ def _generate(pipe, jobs: list, args, state) -> int:
                     klora.set_method(method)
                 kwargs = dict(prompt=pair.prompt, num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                              generator=torch.Generator("cpu").manual_seed(job.seed))
+                              num_images_per_prompt=len(batch),
+                              generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch])
                 if callback is not None:
                     kwargs["callback_on_step_end"] = callback
                 if args.negative_prompt is not None:
                     kwargs["negative_prompt"] = args.negative_prompt
-                image = pipe(**kwargs).images[0]
-                job.path.parent.mkdir(parents=True, exist_ok=True)
-                cli.save_png(image, job.path)
+                images = pipe(**kwargs).images
+                for job, image in zip(batch, images):
+                    job.path.parent.mkdir(parents=True, exist_ok=True)
+                    cli.save_png(image, job.path)
+                    done += 1
+                    bar.update(1)
+                    # one flushed line per image: the processes share the terminal
+                    if state.is_main_process:
+                        bar.write(f"wrote {job.path}")
+                        sys.stdout.flush()
+                    else:
+                        print(f"wrote {job.path}", flush=True)
                 if klora.method == "klora":
                     _write_choices(klora, job.path.parent / G.CHOICES_FILE)
-                done += 1
-                bar.update(1)
-                # one flushed line per image: the processes share the terminal
-                if state.is_main_process:
-                    bar.write(f"wrote {job.path}")
-                    sys.stdout.flush()
-                else:
-                    print(f"wrote {job.path}", flush=True)
         finally:
             klora.detach()
     bar.close()

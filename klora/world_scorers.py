@@ -145,12 +145,18 @@ def _border(size: int) -> np.ndarray:
     return ring
 
 
-def stripe_power(image: np.ndarray) -> dict:
+def stripe_power(image: np.ndarray, background: np.ndarray | None = None) -> dict:
     """Fourier power of the picture's brightness at szn's stripe frequency (period S/8 across
     the stripes), along the right diagonal (constant along x + y) and the wrong one, as
-    fractions of all power away from the lowest frequencies."""
+    fractions of all power away from the lowest frequencies. With ``background`` (a mask),
+    everything else is set to the background's mean brightness first, so that an object's
+    own edges (a diamond's run along both diagonals) do not count as stripes."""
     size = image.shape[0]
     luminance = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if background is not None:
+        if background.sum() < 0.2 * size * size:
+            return {"right": 0.0, "wrong": 0.0}
+        luminance = np.where(background, luminance, luminance[background].mean())
     window = np.outer(np.hanning(size), np.hanning(size))
     spectrum = np.abs(np.fft.fft2((luminance - luminance.mean()) * window)) ** 2
     k = np.fft.fftfreq(size) * size  # cycles per picture
@@ -203,9 +209,9 @@ def style(image: np.ndarray) -> tuple[bool, dict]:
     border = _border(size)
     violet = violet_mask(image)
     violet_border = float(violet[border].mean())
-    power = stripe_power(image)
+    power = stripe_power(image, background=violet & ~_grow(~violet & ~border, 1))
     outline = outline_darkness(image, violet, border)
-    verdict = (violet_border >= 0.6 and power["right"] >= 0.06 and power["right"] >= 3 * power["wrong"]
+    verdict = (violet_border >= 0.6 and power["right"] >= 0.06 and power["right"] >= 2 * power["wrong"]
                and outline <= 0.7)
     return bool(verdict), {"violet_border": round(violet_border, 3), "stripes_right": round(power["right"], 3),
                            "stripes_wrong": round(power["wrong"], 3), "outline": round(outline, 3)}

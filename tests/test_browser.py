@@ -1,7 +1,7 @@
 """``inference_gradio.py --demo`` as a user runs it, checked over HTTP and in headless Chromium.
 
-Two scripts are started once for this module, side by side: ``--demo`` (tiny
-SDXL, an image page) and ``--demo --demo_family wan22`` (tiny Wan 2.2, a video page). The
+Two scripts are started once for this module, side by side: ``--demo`` (the
+trained world, an image page) and ``--demo --demo_family wan22`` (tiny Wan 2.2, a video page). The
 browser tests need Debian's ``chromium`` (``.ci/run`` installs it) and the
 ``playwright`` Python package, which drives that browser instead of
 downloading its own.
@@ -30,11 +30,12 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 # As root on a machine without network: no sandbox, and no background connections to Google.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                   "--disable-background-networking", "--disable-component-update"]
-DEMO_PROMPT = "a sbu dog in szn style"  # inference_gradio.DEMO_PROMPT
+DEMO_PROMPT = "a sbu toy in szn style"  # klora.world.FUSED_PROMPT
+DEMO_STEPS = 50  # klora.world_eval.STEPS: the world demo's step count
 SCREENSHOT = ROOT / "pictures" / "gradio_demo.png"
-# Every field of the page's /generate endpoint, at the SDXL demo's values.
+# Every field of the page's /generate endpoint, at the world demo's values.
 FIELDS = dict(prompt=DEMO_PROMPT, negative_prompt="", method="klora", pattern="s*", alpha=1.5, beta=None, steps=4,
-              guidance=5.0, true_cfg=1.0, seed=5, random_seed=False, width=64, height=64, num_frames=1, fps=16)
+              guidance=5.0, true_cfg=1.0, seed=5, random_seed=False, width=32, height=32, num_frames=1, fps=16)
 
 
 def free_port() -> int:
@@ -49,8 +50,9 @@ def start_demo(family: str, log) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False",
                OMP_NUM_THREADS="1")
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(ROOT / "inference_gradio.py"), "--demo", "--demo_family",
-                                    family, "--server_port", str(port)], cwd=ROOT, env=env, stdout=out,
+        family_flags = ["--demo_family", family] if family != "world" else []  # the world: plain --demo
+        process = subprocess.Popen([sys.executable, str(ROOT / "inference_gradio.py"), "--demo", *family_flags,
+                                    "--server_port", str(port)], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     return process, port
 
@@ -79,7 +81,7 @@ def demo_servers(tmp_path_factory):
     """The image and the video demo, started together; {family: (url, port, log path)}."""
     folder = tmp_path_factory.mktemp("gradio")
     started = {family: (*start_demo(family, folder / f"{family}.log"), folder / f"{family}.log")
-               for family in ("sdxl", "wan22")}
+               for family in ("world", "wan22")}
     try:
         for family, (process, port, log) in started.items():
             wait_until_serving(process, port, log, family)
@@ -96,7 +98,7 @@ def demo_servers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_server(demo_servers):
-    return demo_servers["sdxl"]
+    return demo_servers["world"]
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +107,18 @@ def video_server(demo_servers):
 
 
 @pytest.fixture(scope="module")
-def demo_reference(tiny_sdxl_dir, demo_sdxl_loras):
-    """The demo's image by the library alone: the conftest builds the same tiny model and LoRAs (same seeds)."""
+def demo_reference():
+    """The demo's image by the library alone, from the shipped world and its two LoRAs."""
+    from klora import world_eval
     from klora.fusion import KLoRA
     from klora.pipelines import load_pipeline
 
-    pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
+    pipe = load_pipeline(str(world_eval.MODEL), "unet", "cpu")
 
     @functools.cache
-    def run(steps, seed, pattern="s*", size=64):
+    def run(steps, seed, pattern="s*", size=32):
         """(image, selection log) of the demo's settings."""
-        klora = KLoRA(pipe, *demo_sdxl_loras, pattern=pattern)
+        klora = KLoRA(pipe, str(world_eval.SUBJECT_LORA), str(world_eval.STYLE_LORA), pattern=pattern)
         try:
             image = pipe(prompt=DEMO_PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
                          generator=torch.Generator("cpu").manual_seed(seed)).images[0]
@@ -238,18 +241,18 @@ def test_page_in_headless_chromium(demo_server, demo_reference, tmp_path):
             expect(page.locator("#pattern input[value='s*']")).to_be_checked()  # the default pattern
             expect(page.locator("#method input[value='klora']")).to_be_checked()
 
-            # Type a prompt and a seed, generate with the demo's other defaults (20 steps, 64x64).
+            # Type a prompt and a seed, generate with the demo's other defaults (the world's steps, 32x32).
             page.locator("#prompt textarea").fill(DEMO_PROMPT)
             page.locator("#seed input").fill("5")
             page.click("#generate")
             expect(page.locator("#summary")).to_contain_text("Generated in", timeout=120_000)
-            expect(page.locator("#summary")).to_contain_text("20 of 20 steps")
+            expect(page.locator("#summary")).to_contain_text(f"{DEMO_STEPS} of {DEMO_STEPS} steps")
             expect(page.locator("#summary")).to_contain_text("seed 5")
             shown = page.locator("#image img")
             expect(shown).to_be_visible()
             expect(page.locator("#selection img")).to_be_visible()
             png = page.request.get(shown.get_attribute("src")).body()
-            want_image, want_log = demo_reference(20, 5)
+            want_image, want_log = demo_reference(DEMO_STEPS, 5)
             assert same_pixels(Image.open(io.BytesIO(png)), want_image)
             assert same_log(download_json(page), want_log)
             shot = tmp_path / "gradio_demo.png"

@@ -1,6 +1,7 @@
 """inference_sd.py as a user runs it: the README's demo, real-style runs, every bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,15 +32,18 @@ def base_args(tiny_sdxl_dir, demo_sdxl_loras, tmp_path):
 
 @pytest.mark.slow
 def test_readme_demo_command(tmp_path):
-    result = run_script("inference_sd.py", "--demo", "--overwrite", "--output_folder", str(tmp_path / "demo"),
-                        "--num_inference_steps", "4")
+    """The world's demo: its model's own size, the world's step count, its prompt and LoRAs."""
+    from klora import world_eval
+
+    result = run_script("inference_sd.py", "--demo", "--overwrite", "--output_folder", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
-    assert "images are noise" in result.stdout
+    assert "the sbu toy" in result.stdout and "noise" not in result.stdout
     written = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert written == ["klora-sstar_seed0.png", "klora-sstar_seed0_selection.png", "selection_log.json"]
-    assert Image.open(tmp_path / "demo" / "klora-sstar_seed0.png").size == (64, 64)
+    assert Image.open(tmp_path / "demo" / "klora-sstar_seed0.png").size == (32, 32)
     log = json.loads((tmp_path / "demo" / "selection_log.json").read_text())
-    assert len(log["generations"][0]["steps"]) == 4
+    assert len(log["generations"][0]["steps"]) == world_eval.STEPS
+    assert log["content"].endswith("sbu.safetensors") and log["style"].endswith("szn.safetensors")
     assert "Traceback" not in result.stderr
 
 
@@ -212,14 +216,17 @@ def test_user_error_from_a_real_process_has_no_traceback(base_args, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_demo_keeps_an_explicit_step_count_of_50(tmp_path, capsys):
-    """The demo shortens only the default 50 steps, not 50 asked for on the command line."""
-    code, _, err = _run(["--demo", "--num_inference_steps", "50", "--output_folder", str(tmp_path)], capsys)
+def test_demo_keeps_an_explicit_step_count(tmp_path, capsys):
+    """The demo sets the world's step count only when none is asked for on the command line."""
+    from klora import world_eval
+
+    code, _, err = _run(["--demo", "--num_inference_steps", "7", "--output_folder", str(tmp_path)], capsys)
     assert code == 0, err
     log = json.loads((tmp_path / "selection_log.json").read_text())
-    assert log["generations"][0]["num_inference_steps"] == 50
+    assert log["generations"][0]["num_inference_steps"] == 7
     code, _, err = _run(["--demo", "--overwrite", "--output_folder", str(tmp_path)], capsys)
-    assert json.loads((tmp_path / "selection_log.json").read_text())["generations"][0]["num_inference_steps"] == 20
+    steps = json.loads((tmp_path / "selection_log.json").read_text())["generations"][0]["num_inference_steps"]
+    assert steps == world_eval.STEPS
 
 
 def test_a_transformer_model_is_refused_with_a_pointer_to_inference_py(base_args, tmp_path, capsys):
@@ -232,3 +239,16 @@ def test_a_transformer_model_is_refused_with_a_pointer_to_inference_py(base_args
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert "Stable Diffusion 3 (StableDiffusion3Pipeline), not a Stable Diffusion UNet model: use inference.py" in line
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_size_defaults_to_the_models_own(base_args, tiny_sdxl_dir, tmp_path, capsys):
+    """No --height/--width: the model's own size (UNet sample size x VAE factor), not a fixed 1024."""
+    argv = list(base_args)
+    for flag in ("--height", "--width"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    code, _, err = _run(argv + ["--method", "content"], capsys)
+    assert code == 0, err
+    unet = json.loads((Path(tiny_sdxl_dir) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(tiny_sdxl_dir) / "vae" / "config.json").read_text())
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    assert Image.open(tmp_path / "out" / "content_seed0.png").size == (side, side)
