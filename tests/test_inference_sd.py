@@ -37,7 +37,7 @@ def test_readme_demo_command(tmp_path):
 
     result = run_script("inference_sd.py", "--demo", "--overwrite", "--output_folder", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
-    assert "the sbu toy" in result.stdout and "noise" not in result.stdout
+    assert "the sbu toy" in result.stdout and "noise" not in result.stdout and "docs/world.md" in result.stdout
     written = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert written == ["klora-sstar_seed0.png", "klora-sstar_seed0_selection.png", "selection_log.json"]
     assert Image.open(tmp_path / "demo" / "klora-sstar_seed0.png").size == (32, 32)
