@@ -237,7 +237,7 @@ def _generate(pipe, jobs: list, args, state) -> int:
                     else:
                         print(f"wrote {job.path}", flush=True)
                 if klora.method == "klora":
-                    _write_choices(klora, job.path.parent / G.CHOICES_FILE)
+                    _write_choices(klora, G.choices_path(Path(args.output_folder).expanduser(), pair.id, job.method))
         finally:
             klora.detach()
     bar.close()
@@ -258,6 +258,7 @@ def _write_choices(klora, path: Path) -> None:
     """K-LoRA's choice at each step of the last generation: the share of shared layers on content."""
     import json
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     steps = klora.selection_log()["generations"][-1]["steps"]
     shares = [sum(c == "content" for c in s["choices"].values()) / max(1, len(s["choices"])) for s in steps]
     G.write_text_atomic(path, json.dumps({"num_inference_steps": len(steps), "content_share": shares}) + "\n")

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     out = Path(args.output_folder).expanduser() if args.output_folder else root
     record = G.read_run_record(root) or {}
     if args.world or args.demo or record.get("settings", {}).get("world"):
-        _world_report(items, methods, record.get("settings", {}), out)
+        _world_report(items, methods, record.get("settings", {}), root, out)
         return
 
     from klora.metrics import ClipEmbedder, DinoEmbedder, quiet_loading
@@ -187,7 +187,7 @@ def _report(rows, unreadable, items, methods, root: Path, out: Path, args) -> No
     print(f"wrote {out / 'metrics.md'}, metrics.csv, metrics_per_image.csv and metrics.png")
 
 
-def _world_report(items, methods, settings: dict, out: Path) -> None:
+def _world_report(items, methods, settings: dict, root: Path, out: Path) -> None:
     """The world's rates per method; the step-split sweep's chart when the folder has one."""
     import json
 
@@ -216,7 +216,7 @@ def _world_report(items, methods, settings: dict, out: Path) -> None:
         shares = {}
         for m in ("klora-s", "klora-sstar"):
             for item in found:
-                choices = item.path.parent / G.CHOICES_FILE
+                choices = G.choices_path(root, item.pair, m)
                 if item.method == m and choices.is_file():
                     shares[m] = json.loads(choices.read_text())["content_share"]
                     break

@@ -46,7 +46,6 @@ METHOD_LABELS = {
 DEFAULT_TEMPLATE = "{content} in {style} style"
 # The step-split sweep (evaluate_grid.py --sweep): one LoRA for the first k steps, the other after.
 _SPLIT = re.compile(r"^(c2s|s2c)-(\d+)$")
-CHOICES_FILE = "klora_choices.json"  # K-LoRA's per-step choices, beside its images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -355,6 +354,11 @@ class Job:
 
 def image_path(root: str | os.PathLike, pid: str, method: str, seed: int) -> Path:
     return Path(root) / "images" / pid / method / f"seed{seed}.png"
+
+
+def choices_path(root: str | os.PathLike, pid: str, method: str) -> Path:
+    """K-LoRA's per-step choices of a pair and method (the share of layers on content per step)."""
+    return Path(root) / "choices" / pid / f"{method}.json"
 
 
 def plan(root, spec: Spec, methods: list[str], seeds: list[int]) -> list[Job]:

@@ -43,7 +43,7 @@ def test_readme_demo_command(tmp_path):
     assert Image.open(tmp_path / "demo" / "klora-sstar_seed0.png").size == (32, 32)
     log = json.loads((tmp_path / "demo" / "selection_log.json").read_text())
     assert len(log["generations"][0]["steps"]) == world_eval.STEPS
-    assert log["content"].endswith("sbu.safetensors") and log["style"].endswith("szn.safetensors")
+    assert "sbu.safetensors" in log["content"] and "szn.safetensors" in log["style"]
     assert "Traceback" not in result.stderr
 
 
