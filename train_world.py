@@ -107,7 +107,8 @@ def main(argv=None) -> None:
             loss = run_showing_output(command)
             shutil.copyfile(work / f"lora-{name}" / "pytorch_lora_weights.safetensors", target)
             world_training.record(work, f"lora_{name}", {"seconds": round(time.time() - started),
-                                                         "final_loss": loss, "command": " ".join(command[1:])})
+                                                         "final_loss": loss,
+                                                         "command": " ".join([Path(command[1]).name, *command[2:]])})
     if stage("score"):
         from klora import world_eval
 
