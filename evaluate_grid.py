@@ -196,6 +196,7 @@ def _generate(pipe, jobs: list, args, state) -> int:
         mine = [job for job in jobs if job.pair == pair]
         klora = KLoRA(pipe, pair.content.lora, pair.style.lora, content_weight_name=pair.content.weight_name,
                       style_weight_name=pair.style.weight_name, alpha=args.alpha)
+        choices_written = set()
         batches = []  # jobs of one method, at most --batch_size, generated in one pipeline call
         for job in mine:
             if batches and batches[-1][0].method == job.method and len(batches[-1]) < args.batch_size:
@@ -236,7 +237,8 @@ def _generate(pipe, jobs: list, args, state) -> int:
                         sys.stdout.flush()
                     else:
                         print(f"wrote {job.path}", flush=True)
-                if klora.method == "klora":
+                if klora.method == "klora" and job.method not in choices_written:  # the same for every seed
+                    choices_written.add(job.method)
                     _write_choices(klora, G.choices_path(Path(args.output_folder).expanduser(), pair.id, job.method))
         finally:
             klora.detach()

@@ -168,10 +168,7 @@ def _report(rows, unreadable, items, methods, root: Path, out: Path, args) -> No
              f"Models: {models}.",
              "Each number is the mean over a pair's images, then over pairs. "
              "CLIP text-image compares each image with its prompt (trigger words replaced by descriptions)."]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise cli.KLoRAError(f"--output_folder '{out}': cannot create it ({exc.strerror or exc})") from None
+    _make_folder(out)
     G.write_text_atomic(out / "metrics_per_image.csv",
                         M.csv_text(rows, ["pair", "method", "image", "path", *M.METRICS]))
     summary = per_pair + [{**m, "pair": "all"} for m in per_method]
@@ -191,6 +188,7 @@ def _world_report(items, methods, settings: dict, root: Path, out: Path) -> None
     """The world's rates per method; the step-split sweep's chart when the folder has one."""
     import json
 
+    from klora import metrics as M
     from klora import world_eval
     from klora.cli import save_png
 
@@ -198,14 +196,10 @@ def _world_report(items, methods, settings: dict, root: Path, out: Path) -> None
     table = world_eval.score_results(found)
     labels = {m: G.method_label(m) for m in methods}
     main = [m for m in methods if not G.parse_split(m)]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise cli.KLoRAError(f"--output_folder '{out}': cannot create it ({exc.strerror or exc})") from None
+    _make_folder(out)
     rows = [{"method": m, **table[m]} for m in methods]
-    lines = ["method,pictures,subject,style,both"]
-    lines += [f"{r['method']},{r['pictures']},{r['subject']:.4f},{r['style']:.4f},{r['both']:.4f}" for r in rows]
-    G.write_text_atomic(out / "world_rates.csv", "\n".join(lines) + "\n")
+    G.write_text_atomic(out / "world_rates.csv",
+                        M.csv_text(rows, ["method", "pictures", "subject", "style", "both"]))
     text = ["# The world's rates", "",
             "Share of pictures the world's scorers (klora/world_scorers.py) call the sbu toy, szn style, and both; "
             f"{settings.get('num_inference_steps')} steps, guidance {settings.get('guidance_scale')}.", "",
@@ -237,6 +231,13 @@ def _world_report(items, methods, settings: dict, root: Path, out: Path) -> None
         r = table[m]
         print(f"{labels[m]:{width}}  {r['subject']:8.0%} {r['style']:8.0%} {r['both']:8.0%}")
     print(f"wrote {out / 'world_rates.md'}, world_rates.csv" + (", step_split.png" if steps and len(main) < len(methods) else ""))
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cli.KLoRAError(f"--output_folder '{out}': cannot create it ({exc.strerror or exc})") from None
 
 
 def _process_state():

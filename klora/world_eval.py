@@ -74,8 +74,10 @@ def round_trip(pipe, pictures) -> list[np.ndarray]:
     """Pictures through the model's VAE and back: what the model can draw at best."""
     import torch
 
+    from .world_training import to_pixels
+
     vae = pipe.vae
-    x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_pixels(np.stack(pictures))
     with torch.no_grad():
         out = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample
     out = ((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -11,7 +11,7 @@ Shapes are told apart by silhouette: the best overlap (IoU) of the picture's obj
 mask with each shape, drawn by the world's own ``shape_mask`` at the sizes and
 positions the world uses. Colours by hue (they survive szn's darker stripes), the
 stripes by their Fourier power. Each scorer returns its verdict with the numbers it
-was decided on. Their accuracy on drawn pictures: tests/test_world_scorers.py.
+was decided on. Their accuracy on drawn pictures: tests/test_world.py.
 """
 
 from __future__ import annotations
@@ -61,6 +61,28 @@ def violet_mask(image):
 
 def dark_mask(image):
     return image.max(axis=-1) < 60
+
+
+def _luminance(image):
+    return image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def _grow(mask, steps: int):
+    """``mask`` grown by ``steps`` pixels (4-neighbours); nothing comes in from outside the picture."""
+    grown = mask.copy()
+    for _ in range(steps):
+        step = grown.copy()
+        step[1:] |= grown[:-1]
+        step[:-1] |= grown[1:]
+        step[:, 1:] |= grown[:, :-1]
+        step[:, :-1] |= grown[:, 1:]
+        grown = step
+    return grown
+
+
+def _shrink(mask):
+    """``mask`` less its boundary pixels (4-neighbours)."""
+    return ~_grow(~mask, 1)
 
 
 # ------------------------------------------------------------ silhouettes
@@ -152,7 +174,7 @@ def stripe_power(image: np.ndarray, background: np.ndarray | None = None) -> dic
     everything else is set to the background's mean brightness first, so that an object's
     own edges (a diamond's run along both diagonals) do not count as stripes."""
     size = image.shape[0]
-    luminance = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    luminance = _luminance(image)
     if background is not None:
         if background.sum() < 0.2 * size * size:
             return {"right": 0.0, "wrong": 0.0}
@@ -168,22 +190,6 @@ def stripe_power(image: np.ndarray, background: np.ndarray | None = None) -> dic
     against = np.abs(kx + ky) <= 0.25 * target
     return {"right": float(spectrum[band & along].sum() / total),
             "wrong": float(spectrum[band & against].sum() / total)}
-
-
-def _luminance(image):
-    return image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-
-
-def _grow(mask, steps: int):
-    grown = mask.copy()
-    for _ in range(steps):
-        step = grown.copy()
-        step[1:] |= grown[:-1]
-        step[:-1] |= grown[1:]
-        step[:, 1:] |= grown[:, :-1]
-        step[:, :-1] |= grown[:, 1:]
-        grown = step
-    return grown
 
 
 def outline_darkness(image, violet, border) -> float:
@@ -231,11 +237,7 @@ def read_base(image: np.ndarray) -> dict:
     shape, iou, silhouette = classify_shape(mask)
     # a texture's darker shade can be close to the background (blue on navy): the texture is read
     # over the fitted silhouette, not over what differs from the background
-    core = silhouette.copy()
-    core[1:] &= silhouette[:-1]
-    core[:-1] &= silhouette[1:]
-    core[:, 1:] &= silhouette[:, :-1]
-    core[:, :-1] &= silhouette[:, 1:]
+    core = _shrink(silhouette)
     inner = pixels[core & mask] if (core & mask).sum() >= 8 else pixels[mask] if mask.any() else pixels.reshape(-1, 3)
 
     def fit(name):

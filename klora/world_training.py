@@ -120,7 +120,8 @@ def write_instance_folder(folder: Path, scenes) -> None:
         (folder / f"{i:02d}.txt").write_text(world.caption(scene) + "\n")
 
 
-def _pixels(batch: np.ndarray) -> torch.Tensor:
+def to_pixels(batch: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) pictures as the VAE's input: float (N, 3, H, W) in -1..1."""
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -155,7 +156,7 @@ def train_vae(c: WorldConfig, log=print):
         index = torch.randint(len(pictures), (c.vae_batch // 2,), generator=g).numpy()
         rng = np.random.default_rng([c.seed, 2, step])
         generic = np.stack([world.draw_generic(rng) for _ in range(c.vae_batch - len(index))])
-        x = _pixels(np.concatenate([pictures[index], generic]))
+        x = to_pixels(np.concatenate([pictures[index], generic]))
         for group in optimizer.param_groups:
             group["lr"] = c.vae_learning_rate * _lr_factor(step, 100, c.vae_steps)
         posterior = vae.encode(x).latent_dist
@@ -174,11 +175,11 @@ def train_vae(c: WorldConfig, log=print):
     progress.close()
     vae.eval()
     with torch.no_grad():
-        sample = _pixels(pictures[:2048])
+        sample = to_pixels(pictures[:2048])
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(256)])
         mse = torch.cat([((vae.decode(z).sample - x) ** 2).mean(dim=(1, 2, 3))
                          for z, x in zip(latents.split(256), sample.split(256))]).mean().item()
-        unseen = {name: _pixels(np.stack([world.draw(s) for s in scenes]))  # what the base data never shows
+        unseen = {name: to_pixels(np.stack([world.draw(s) for s in scenes]))  # what the base data never shows
                   for name, scenes in (("sbu", world.subject_scenes(16, seed=99)),
                                        ("szn", world.style_scenes(16, seed=99)))}
         unseen_mse = {name: ((vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2).mean().item()
@@ -207,7 +208,7 @@ def record(work: Path, stage: str, values: dict) -> None:
 def encode_pictures(vae, pictures: np.ndarray) -> torch.Tensor:
     """Scaled latents (the posterior means) of uint8 pictures."""
     with torch.no_grad():
-        return torch.cat([vae.encode(_pixels(chunk)).latent_dist.mean * vae.config.scaling_factor
+        return torch.cat([vae.encode(to_pixels(chunk)).latent_dist.mean * vae.config.scaling_factor
                           for chunk in np.array_split(pictures, max(1, len(pictures) // 512))])
 
 
