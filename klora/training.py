@@ -568,7 +568,10 @@ def train(config: TrainingConfig) -> TrainingResult:
                if c.caption_extension else [c.instance_prompt] * len(instance_images))
     if c.with_prior_preservation:
         prompts.append(c.class_prompt)
-    prompt_ids = [torch.cat(ids) for ids in zip(*(tokenize(tokenizers, prompt) for prompt in prompts))]
+    # Each distinct prompt is encoded once (with --train_text_encoder, at every step); images map to rows.
+    distinct = list(dict.fromkeys(prompts))
+    row_of_image = torch.tensor([distinct.index(prompt) for prompt in prompts])
+    prompt_ids = [torch.cat(ids) for ids in zip(*(tokenize(tokenizers, prompt) for prompt in distinct))]
 
     def encode_prompts():
         return encode_prompt(prompt_encoders, prompt_ids, device)
@@ -576,7 +579,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     def conditioning(encoded, batch):
         """One row per image in ``collate``'s layout (its prompt's row; -1: the class prompt)."""
         embeds, pooled = encoded
-        rows = batch["prompts"].to(embeds.device)
+        rows = row_of_image[batch["prompts"]].to(embeds.device)
         return embeds[rows], pooled[rows]
 
     if not c.train_text_encoder:
