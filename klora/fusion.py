@@ -39,15 +39,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import loras, rule
+from . import est_lora, lora_switch, loras, methods, np_lora, rule
 from .errors import KLoRAError, LoRAError
 from .pipelines import Family, check_supported, denoisers_of, family_of
 
-METHODS = ("klora", "merge", "content", "style")
+METHODS = methods.METHODS
 ROLES = ("content", "style")  # the pair K-LoRA chooses between; extra LoRAs are "extra1", "extra2", ...
-ADAPTER_NAMES = {"content": "klora_content", "style": "klora_style"}
+# "np": NP-LoRA's correction of the content LoRA, -c * B_c (A_c V V^T), on the layers both LoRAs adapt.
+ADAPTER_NAMES = {"content": "klora_content", "style": "klora_style", "np": "klora_np"}
 SWITCHING = ("fused", "adapters")
-PROGRESS = ("steps", "noise")
+PROGRESS = methods.DIFFUSERS_PROGRESS
 _NOTHING, _CONTENT, _STYLE, _BOTH = frozenset(), frozenset({"content"}), frozenset({"style"}), frozenset(ROLES)
 
 
@@ -104,12 +105,14 @@ class KLoRA:
                  extra_loras_2=None, content_scale=1.0, style_scale=1.0,
                  pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None, method="klora", progress="steps",
                  switching="fused", compile=False, num_inference_steps=None, text_encoder_lora=False,
-                 max_logged_generations=64):
+                 max_logged_generations=64, np_mu=methods.DEFAULT_NP_MU, switch_every=methods.DEFAULT_SWITCH_EVERY):
         self.pipeline, self.family, self.denoisers = resolve_target(target)
         if self.pipeline is not None:
             check_supported(self.family, type(self.pipeline).__name__)
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self.set_schedule(pattern, alpha, beta)
+        self.np_mu = methods.check_np_mu(np_mu)  # fixed once attached: NP-LoRA's correction is built from it
+        self.switch_every = methods.check_switch_every(switch_every)
         for name, value, allowed in (("method", method, METHODS), ("progress", progress, PROGRESS),
                                      ("switching", switching, SWITCHING)):
             if value not in allowed:
@@ -237,6 +240,9 @@ class KLoRA:
         self._gamma: dict[str, float] = {}
         self._content_topk: dict[str, torch.Tensor] = {}
         self._style_topk: dict[str, torch.Tensor] = {}
+        self.energies: dict[str, tuple[float, float]] = {}  # EST-LoRA's ||dW_c||_F^2, ||dW_s||_F^2 per shared layer
+        self._content_energy: dict[str, torch.Tensor] = {}
+        self._style_energy: dict[str, torch.Tensor] = {}
         self._shared: dict[str, list[_Layer]] = {}
         zero_sides = {"content": 0, "style": 0}
         for component, denoiser in self.denoisers.items():
@@ -252,7 +258,7 @@ class KLoRA:
                 with_full = frozenset(role for role in ROLES if path in full[role])
                 if all(path in modules[role] for role in ROLES):
                     with torch.no_grad():
-                        layer_stats = _layer_stats(adapters, path, device)
+                        layer_stats, energies = _layer_stats(adapters, path, device)
                     zero = [role for role, total in zip(ROLES, (layer_stats.content_abs_sum,
                                                                layer_stats.style_abs_sum)) if total == 0]
                     if not zero:
@@ -260,6 +266,7 @@ class KLoRA:
                         shared.append(layer)
                         stats.append(layer_stats)
                         self.stats[key] = layer_stats
+                        self.energies[key] = energies
                         self.layers.append(layer)
                         continue
                     # An all-zero weight update never competes: the other LoRA is used there at every step
@@ -277,14 +284,32 @@ class KLoRA:
             self._gamma[component] = rule.gamma_from_ratios([s.ratio for s in stats])
             self._content_topk[component] = torch.tensor([s.content_topk_sum for s in stats], dtype=torch.float64)
             self._style_topk[component] = torch.tensor([s.style_topk_sum for s in stats], dtype=torch.float64)
+            self._content_energy[component] = torch.tensor([self.energies[l.key][0] for l in shared],
+                                                           dtype=torch.float64)
+            self._style_energy[component] = torch.tensor([self.energies[l.key][1] for l in shared],
+                                                         dtype=torch.float64)
+            self._adapters[component, "np"] = _np_correction(adapters, [layer.path for layer in shared],
+                                                             self.np_mu, device)
         for role, count in zero_sides.items():
             if count:
                 other = "style" if role == "content" else "content"
-                warnings.warn(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the "
-                              f"{other} LoRA is used there at every step", stacklevel=4)
-        if not any(layer.chosen or layer.roles == _BOTH for layer in self.layers):
-            warnings.warn("the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
-                          "choose, each LoRA is applied on its own layers", stacklevel=4)
+                warnings.warn(f"K-LoRA: {count} layers both LoRAs adapt are all zero in the {self.labels[role]}: "
+                              f"the {other} LoRA is used there at every step", stacklevel=4)
+        if not any(layer.roles == _BOTH for layer in self.layers):
+            warnings.warn("K-LoRA: the content and style LoRAs adapt no layer in common: there is nothing to "
+                          "choose or merge, each LoRA is applied on its own layers", stacklevel=4)
+
+    def roles_of(self, layer: _Layer) -> frozenset:
+        """Every LoRA a layer can apply: its files' roles, and NP-LoRA's correction where both adapt."""
+        return layer.roles | {"np"} if layer.chosen else layer.roles
+
+    def _stepped(self, component: str) -> list[_Layer]:
+        """The layers whose LoRAs change from step to step under this method (the mask's order): the shared
+        layers for K-LoRA and EST-LoRA; every layer of either LoRA for LoRA Switch, which turns the other
+        LoRA off everywhere."""
+        if self.method == "switch":
+            return [layer for layer in self.layers if layer.component == component and layer.roles & _BOTH]
+        return self._shared[component]
 
     @property
     def paths(self) -> list[str]:
@@ -371,46 +396,56 @@ class KLoRA:
         alpha = rule.DEFAULT_ALPHA if alpha is None else float(alpha)
         if not (alpha > 0 and alpha < float("inf")):
             raise KLoRAError(f"alpha must be a positive number, got {alpha}")
-        beta = rule.default_beta(pattern, alpha) if beta is None else float(beta)
-        if beta != beta or abs(beta) == float("inf"):
-            raise KLoRAError(f"beta must be a finite number, got {beta}")
+        beta = rule.default_beta(pattern, alpha) if beta is None else methods.check_beta(beta)
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self._plan = None  # re-plan on the next call
 
     def set_method(self, method: str) -> None:
-        """klora (the rule), merge (both LoRAs everywhere), content or style (one LoRA only)."""
-        if method not in METHODS:
-            raise KLoRAError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        self.method = method
+        """One of ``klora.methods.METHODS``: klora, est, switch (per step), np, merge, content, style (static)."""
+        self.method = methods.check_method(method)
         wanted = {}
         for layer in self.layers:
             if method in ("content", "style"):
                 wanted[layer.key] = layer.roles & {method}
-            elif method == "merge":
+            elif method == "merge" or method == "switch" and not layer.roles & _BOTH:
                 wanted[layer.key] = layer.roles
-            elif not layer.chosen:
+            elif method == "np":
+                wanted[layer.key] = self.roles_of(layer)
+            elif not layer.chosen and method != "switch":
                 wanted[layer.key] = layer.klora_roles
         self._show(wanted)
         self._mask = {component: None for component in self.denoisers}
-        if method == "klora":  # until the first step: the choice at p = 0
+        if method in methods.PER_STEP:  # until the first step: the choice at step 0
             for component in self.denoisers:
-                self._apply_mask(component, self._mask_at(component, 0.0))
+                self._apply_mask(component, self._mask_at(component, 0, 0.0))
         self._plan = None
 
     def scale_at(self, progress: float) -> float:
         return rule.scale_at(progress, self.pattern, self.alpha, self.beta)
 
-    def choices_at(self, progress: float) -> dict[str, str]:
-        """Which LoRA each shared layer uses at ``progress`` in [0, 1)."""
+    def choices_at(self, progress: float, step: int | None = None) -> dict[str, str]:
+        """Which LoRA each shared layer uses at ``progress`` in [0, 1) (K-LoRA's rule when the method
+        is not per step); LoRA Switch needs the ``step``."""
         chosen = {}
         for component, layers in self._shared.items():
-            mask = self._mask_at(component, progress)
+            mask = self._mask_at(component, step, progress, layers)
             chosen.update({layer.key: ("content" if c else "style") for layer, c in zip(layers, mask)})
         return chosen
 
-    def _mask_at(self, component: str, progress: float) -> tuple:
-        return tuple(rule.content_mask(self._content_topk[component], self._style_topk[component],
-                                       self._gamma[component], self.scale_at(progress)).tolist())
+    def _mask_at(self, component: str, step: int | None, progress: float, layers=None) -> tuple:
+        """True (content) or False (style) for each of ``layers`` (default: this method's stepped layers)."""
+        layers = self._stepped(component) if layers is None else layers
+        if self.method == "switch":
+            if step is None:
+                raise KLoRAError("LoRA Switch chooses by step: give the step")
+            return (lora_switch.uses_content(step, self.switch_every),) * len(layers)
+        if self.method == "est":
+            mask = est_lora.content_mask(self._content_energy[component], self._style_energy[component],
+                                         self._gamma[component], self.scale_at(progress))
+        else:
+            mask = rule.content_mask(self._content_topk[component], self._style_topk[component],
+                                     self._gamma[component], self.scale_at(progress))
+        return tuple(mask.tolist())
 
     # --- per step ----------------------------------------------------------
 
@@ -424,7 +459,7 @@ class KLoRA:
     def _before_forward(self, component, module, args, kwargs) -> None:
         if self._weights.in_use:
             self._follow_lora_scale(kwargs)
-        if self.method != "klora":
+        if self.method not in methods.PER_STEP:
             return
         new_generation, step, total, progress = self._progress(module, args, kwargs)
         if new_generation or self._plan is None:
@@ -433,15 +468,17 @@ class KLoRA:
                 del self.generations[:-self._max_generations]
                 self._weights.prepare()
             self._plan = {"masks": {}, "canonical": {}, "logged": set()}
-            for value in self._progress.schedule():  # every step's choice, worked out once per generation
+            for i, value in enumerate(self._progress.schedule()):  # every step's choice, once per generation
                 for c in self.denoisers:
-                    self._planned_mask(c, value)
-        mask = self._planned_mask(component, progress)
+                    self._planned_mask(c, i, value)
+        mask = self._planned_mask(component, step, progress)
         if mask is not self._mask[component]:
             self._apply_mask(component, mask)
         if (step, component) not in self._plan["logged"] and self.generations:
             self._plan["logged"].add((step, component))
-            self.generations[-1].steps.append((step, progress, self.scale_at(progress), component, mask))
+            shared = mask if self.method != "switch" else mask[:1] * len(self._shared[component])
+            scale = None if self.method == "switch" else self.scale_at(progress)
+            self.generations[-1].steps.append((step, progress, scale, component, shared))
 
     def _follow_lora_scale(self, kwargs) -> None:
         """Written weights hold the deltas, so the pipeline's LoRA scale (which PEFT adapters would apply
@@ -455,20 +492,21 @@ class KLoRA:
         if scale != self._weights.lora_scale:
             self._weights.set_lora_scale(scale, self._state)
 
-    def _planned_mask(self, component: str, progress: float) -> tuple:
-        """The choice at ``progress``; steps with the same choice share one object, so a step
+    def _planned_mask(self, component: str, step: int, progress: float) -> tuple:
+        """The choice at this step; steps with the same choice share one object, so a step
         that changes nothing costs one identity check."""
         masks = self._plan["masks"]
-        mask = masks.get((component, progress))
+        where = (component, step if self.method == "switch" else progress)
+        mask = masks.get(where)
         if mask is None:
-            mask = self._mask_at(component, progress)
-            mask = masks[(component, progress)] = self._plan["canonical"].setdefault((component, mask), mask)
+            mask = self._mask_at(component, step, progress)
+            mask = masks[where] = self._plan["canonical"].setdefault((component, mask), mask)
         return mask
 
     def _apply_mask(self, component: str, mask: tuple) -> None:
         self._mask[component] = mask
-        self._show({layer.key: (_CONTENT if use_content else _STYLE)
-                    for layer, use_content in zip(self._shared[component], mask)})
+        self._show({layer.key: layer.roles & (_CONTENT if use_content else _STYLE)
+                    for layer, use_content in zip(self._stepped(component), mask)})
 
     def _show(self, wanted: dict) -> None:
         """Make each layer in ``wanted`` apply exactly the LoRAs named there."""
@@ -497,8 +535,13 @@ class KLoRA:
                                   for key, scale in self.extra_scales.items()]
         if self.multi:
             log["denoisers"] = list(self.denoisers)
-        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum,
-                               "style_topk_sum": s.style_topk_sum} for key, s in self.stats.items()}
+        if self.method == "np":
+            log["np_mu"] = self.np_mu
+        if self.method == "switch":
+            log["switch_every"] = self.switch_every
+        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum,
+                               "content_energy": self.energies[key][0], "style_energy": self.energies[key][1]}
+                         for key, s in self.stats.items()}
         log["only"] = dict(self.only)
         full = {layer.key: sorted(layer.full) for layer in self.layers if layer.full}
         if full:
@@ -724,6 +767,10 @@ class _Adapters:
                     loras.load_adapter(denoiser, klora._adapters[component, role], adapter_name(role),
                                        klora.labels[key], pipeline=pipeline)
                     loaded.append((component, adapter_name(role)))
+                correction = klora._adapters[component, "np"]
+                if correction.modules:
+                    loras.load_adapter(denoiser, correction, adapter_name("np"), "NP-LoRA's merge", pipeline=pipeline)
+                    loaded.append((component, adapter_name("np")))
         except BaseException:
             self._restore_user()
             raise
@@ -747,7 +794,7 @@ class _Adapters:
             module = self._by_key[layer.key]
             if module is not None:
                 present = module.lora_A
-                module.set_adapter(self._fixed[module] + [ADAPTER_NAMES[r] for r in ROLES
+                module.set_adapter(self._fixed[module] + [ADAPTER_NAMES[r] for r in ADAPTER_NAMES
                                                           if r in roles and ADAPTER_NAMES[r] in present],
                                    inference_mode=True)
 
@@ -810,7 +857,7 @@ class _Weights:
             module_paths = set(modules)
             for path in set(layers) | {p for a in extras for p in _changed_units(a, module_paths, lowrank)}:
                 layer = layers.get(path)
-                terms = {role: klora._adapters[component, role] for role in (layer.roles if layer else ())}
+                terms = {role: klora._adapters[component, role] for role in (klora.roles_of(layer) if layer else ())}
                 tensors = []
                 for name, target in _targets(path, modules, parameters):
                     role_terms = {role: _terms(a, path, name, target, lowrank)
@@ -1153,19 +1200,42 @@ def _stats_device(denoiser) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _layer_stats(adapters, path: str, device) -> rule.LayerStats:
-    """The rule's statistics of one layer, one dense |dW| in memory at a time (a FLUX.2 or Wan
-    layer's update is a gigabyte in float32)."""
+def _layer_stats(adapters, path: str, device) -> tuple[rule.LayerStats, tuple[float, float]]:
+    """K-LoRA's statistics of one layer and EST-LoRA's energies (content, style), one dense |dW| in
+    memory at a time (a FLUX.2 or Wan layer's update is a gigabyte in float32)."""
     ranks = [adapters[role].state_dict[f"{path}.lora_A.weight"].shape[0] for role in ROLES]
     k = ranks[0] * ranks[1]
-    sums = []
+    sums, energies = [], []
     for role in ROLES:
         magnitudes = _delta_from_adapter(adapters[role], path, device).abs_()
         sums.append(rule.magnitude_sums(magnitudes, k))
+        energies.append(est_lora.energy(magnitudes))
         del magnitudes
     (content_topk, content_sum), (style_topk, style_sum) = sums
     return rule.LayerStats(k=k, content_topk_sum=content_topk, style_topk_sum=style_topk,
-                           content_abs_sum=content_sum, style_abs_sum=style_sum)
+                           content_abs_sum=content_sum, style_abs_sum=style_sum), tuple(energies)
+
+
+def _np_correction(adapters, paths: list[str], mu: float, device) -> loras.DenoiserAdapter:
+    """NP-LoRA's correction of the content LoRA as one more adapter on ``paths`` (the layers both adapt):
+    ``-c * scale_c * B_c (A_c V V^T)``, so that content + style + correction is ``klora.np_lora``'s merge.
+    Convolution factors are projected in their flattened input space."""
+    content, style = adapters["content"], adapters["style"]
+    strength = np_lora.projection_strength(mu)
+    state = {}
+    with torch.no_grad():
+        for path in paths:
+            A = content.state_dict[f"{path}.lora_A.weight"]
+            directions = np_lora.style_directions(style.state_dict[f"{path}.lora_A.weight"].flatten(1).to(device),
+                                                  style.state_dict[f"{path}.lora_B.weight"].flatten(1).to(device))
+            flat = A.flatten(1).to(device, torch.float64)
+            state[f"{path}.lora_A.weight"] = ((flat @ directions) @ directions.T).reshape(A.shape).to(A.device, A.dtype)
+            state[f"{path}.lora_B.weight"] = content.state_dict[f"{path}.lora_B.weight"]
+    config = dict(content.config, target_modules=list(paths))
+    config.pop("lora_bias", None)
+    unscaled = loras.DenoiserAdapter(state_dict=state, config=config, text_encoder_state_dicts={},
+                                     scales={path: content.scales[path] for path in paths}, strength=content.strength)
+    return loras.scaled(unscaled, -strength)
 
 
 def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor:

@@ -38,7 +38,6 @@ DIFFUSERS_PROGRESS = ("steps", "noise")
 COMFYUI_PROGRESS = ("steps", "percent")
 DEFAULT_NP_MU = np_lora.DEFAULT_MU
 DEFAULT_SWITCH_EVERY = lora_switch.DEFAULT_EVERY
-MAX_BETA = 100.0
 AUTO = "auto"  # --beta auto: EST-LoRA's style discrepancy
 
 
@@ -49,13 +48,13 @@ def check_method(method, name: str = "method") -> str:
 
 
 def check_beta(beta, name: str = "beta") -> float:
-    """A number from 0 to ``MAX_BETA`` (the style side's weight at p = 0; a negative one has no meaning)."""
+    """A finite number >= 0 (the style side's weight at p = 0; a negative one has no meaning)."""
     try:
         value = float(beta)
     except (TypeError, ValueError):
-        raise KLoRAError(f"{name} must be a number from 0 to {MAX_BETA:g}, got {beta!r}") from None
-    if not (0.0 <= value <= MAX_BETA):
-        raise KLoRAError(f"{name} must be a finite number from 0 to {MAX_BETA:g}, got {beta!r}")
+        raise KLoRAError(f"{name} must be a finite number >= 0, got {beta!r}") from None
+    if not (0.0 <= value < math.inf):
+        raise KLoRAError(f"{name} must be a finite number >= 0, got {beta!r}")
     return value
 
 
