@@ -25,8 +25,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import temporary_beside
 from . import rule
 from .errors import KLoRAError  # noqa: F401  (re-exported for the scripts)
+from . import dino, methods
 from .fusion import MAX_STRENGTH, METHODS, PROGRESS, SWITCHING
 
 MAX_SIDE = 8192
@@ -90,13 +92,27 @@ def add_lora_arguments(parser, second_expert: bool = False) -> None:
 def add_klora_arguments(parser) -> None:
     group = parser.add_argument_group("K-LoRA")
     group.add_argument("--method", default="klora", choices=METHODS,
-                       help="klora: the K-LoRA rule; merge: both LoRAs everywhere (direct merge); "
-                            "content / style: one LoRA only (default: klora)")
-    group.add_argument("--pattern", default="s*", help="scale pattern: 's' (alpha*p+beta) or "
+                       help="klora: the K-LoRA rule; est: EST-LoRA (K-LoRA's choice on the energies ||dW||^2); "
+                            "switch: LoRA Switch (content, then style, every --switch_every steps); np: NP-LoRA "
+                            "(one static merge, the content projected off the style's directions); merge: both "
+                            "LoRAs everywhere (direct merge); content / style: one LoRA only (default: klora)")
+    group.add_argument("--pattern", default="s*", help="scale pattern of klora and est: 's' (alpha*p+beta) or "
                        "'s*' ((alpha*p+beta) mod alpha) (default: s*)")
     group.add_argument("--alpha", type=float, default=rule.DEFAULT_ALPHA, help="alpha of the scale (default 1.5)")
-    group.add_argument("--beta", type=float, default=None,
-                       help="beta of the scale (default: 0.5 for 's', 0.85*alpha = 1.275 for 's*')")
+    group.add_argument("--beta", type=_beta_argument, default=None,
+                       help="beta of the scale, a number >= 0 (default: 0.5 for 's', 0.85*alpha = 1.275 for 's*'); "
+                            "with --method est also 'auto': 1 - DINO cosine of a content-only and a style-only "
+                            "picture of the same prompt and first seed (EST-LoRA's style discrepancy)")
+    group.add_argument("--dino_model", default=dino.DEFAULT_MODEL,
+                       help=f"the ViT for --beta auto: hub id or folder (default: {dino.DEFAULT_MODEL})")
+    group.add_argument("--np_mu", type=_mu_argument, default=methods.DEFAULT_NP_MU,
+                       help="NP-LoRA's mu: 0 = the plain merge, inf = the hard projection (default 0.5)")
+    group.add_argument("--switch_every", type=int, default=methods.DEFAULT_SWITCH_EVERY, metavar="N",
+                       help="LoRA Switch: steps per block, content first (default 5)")
+    group.add_argument("--export_lora", metavar="PATH",
+                       help="with --method np or merge: also write the merged LoRA as one .safetensors file that "
+                            "diffusers' load_lora_weights (and ComfyUI, for the families docs/method.md lists) "
+                            "reads on its own")
     add_engine_arguments(group)
     group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the denoiser (its repeated blocks); optional backend, e.g. aot_eager "
@@ -192,8 +208,16 @@ def check_arguments(args) -> None:
         raise KLoRAError(f"--pattern {args.pattern!r}: choose 's' or 's*'")
     if not (args.alpha > 0 and args.alpha < float("inf")):
         raise KLoRAError(f"--alpha {args.alpha}: must be a positive number")
-    if args.beta is not None and not (abs(args.beta) < float("inf")):
-        raise KLoRAError(f"--beta {args.beta}: must be a finite number")
+    if args.beta == methods.AUTO:
+        if args.method != "est":
+            raise KLoRAError(f"--beta auto is EST-LoRA's style discrepancy: use it with --method est "
+                             f"(not {args.method}), or give a number")
+    elif args.beta is not None:
+        methods.check_beta(args.beta, "--beta")
+    methods.check_np_mu(args.np_mu, "--np_mu")
+    methods.check_switch_every(args.switch_every, "--switch_every")
+    if args.export_lora and args.method not in methods.EXPORTABLE:
+        raise KLoRAError(f"--export_lora writes a static merge: use it with --method np or merge, not {args.method}")
     for name, low in (("num_inference_steps", 1), ("max_sequence_length", 1), ("num_frames", 1)):
         value = getattr(args, name, None)
         if value is not None and value < low:
@@ -232,6 +256,22 @@ def check_arguments(args) -> None:
                 raise KLoRAError(f"--{flag} is required (or run --demo to try the tiny built-in model)")
         if not args.prompt:
             raise KLoRAError("--prompt is required (include both LoRAs' trigger words)")
+
+
+def _beta_argument(text: str):
+    if text.strip().lower() == methods.AUTO:
+        return methods.AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'auto', got {text!r}") from None
+
+
+def _mu_argument(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or inf, got {text!r}") from None
 
 
 def check_stack_arguments(args) -> None:
@@ -510,7 +550,7 @@ def refuse_model_flags_with_demo(args, flags=("pretrained_model_name_or_path", "
 # --- outputs -----------------------------------------------------------------------------
 
 def method_tag(method: str, pattern: str) -> str:
-    return f"klora-{'sstar' if pattern == 's*' else 's'}" if method == "klora" else method
+    return f"{method}-{'sstar' if pattern == 's*' else 's'}" if method in methods.CHOOSING else method
 
 
 @dataclass
@@ -522,10 +562,11 @@ class Outputs:
     kind: str = "image"  # "image" (PNG) or "video" (MP4)
     frames: dict[int, Path] = field(default_factory=dict)  # seed -> folder of PNG frames (--save_frames)
     fps: float | None = None  # video: frames per second of the MP4
+    export: Path | None = None  # --export_lora
 
     def all(self) -> list[Path]:
         return ([p for _, p in self.media] + list(self.maps.values()) + list(self.frames.values())
-                + ([self.log] if self.log else []))
+                + ([self.log] if self.log else []) + ([self.export] if self.export else []))
 
 
 def plan_outputs(args, kind: str = "image") -> Outputs:
@@ -534,14 +575,20 @@ def plan_outputs(args, kind: str = "image") -> Outputs:
     tag = method_tag(args.method, args.pattern)
     suffix = ".mp4" if kind == "video" else ".png"
     media = [(seed, folder / f"{tag}_seed{seed}{suffix}") for seed in args.seeds]
-    maps = {seed: folder / f"{tag}_seed{seed}_selection.png" for seed in args.seeds} if args.method == "klora" else {}
+    maps = {seed: folder / f"{tag}_seed{seed}_selection.png" for seed in args.seeds} \
+        if args.method in methods.PER_STEP else {}
     frames = {seed: folder / f"{tag}_seed{seed}_frames" for seed in args.seeds} \
         if getattr(args, "save_frames", False) else {}
     log = Path(args.selection_log).expanduser() if args.selection_log else None
-    outputs = Outputs(folder=folder, media=media, maps=maps, log=log, kind=kind, frames=frames)
+    export = Path(args.export_lora).expanduser() if getattr(args, "export_lora", None) else None
+    outputs = Outputs(folder=folder, media=media, maps=maps, log=log, kind=kind, frames=frames, export=export)
     _check_writable(folder, "--output_folder")
     if log is not None:
         _check_writable(log.parent if str(log.parent) else Path("."), "--selection_log")
+    if export is not None:
+        if export.suffix != ".safetensors":
+            raise KLoRAError(f"--export_lora '{export}': the file name must end in .safetensors")
+        _check_writable(export.parent if str(export.parent) else Path("."), "--export_lora")
     if not args.overwrite:
         existing = [str(p) for p in outputs.all() if p.exists()]
         if existing:
@@ -562,7 +609,7 @@ def _check_writable(folder: Path, flag: str) -> None:
 def save_png(image, path: Path) -> None:
     """Write a PNG atomically: a reader never sees a half-written image."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
@@ -617,6 +664,12 @@ def fuse_and_generate(args, expect: str) -> None:
     # ... and check them against the model's layers, built from its configs on the meta device, before
     # its weights load: a LoRA that does not fit is refused in one line (KLoRA warns again at attach).
     check_loras(model, files)
+    embedder = None
+    if args.beta == methods.AUTO:
+        if kind == "video":
+            raise KLoRAError("--beta auto compares two pictures (EST-LoRA, for image models); give video models a "
+                             "number")
+        embedder = dino.Embedder(args.dino_model)  # before the base model: a bad name fails in seconds
 
     pipe = load_pipeline(model, expect, device, args.dtype, place=not offload)
     if pipeline_class is not type(pipe):
@@ -642,18 +695,49 @@ def fuse_and_generate(args, expect: str) -> None:
     klora = KLoRA(pipe, files["content"], files["style"], content_2=files.get("content_2"),
                   style_2=files.get("style_2"), extra_loras=stack[""], extra_loras_2=stack["_2"] or None,
                   content_scale=args.content_scale, style_scale=args.style_scale,
-                  pattern=args.pattern, alpha=args.alpha, beta=args.beta,
+                  pattern=args.pattern, alpha=args.alpha, beta=None if embedder else args.beta,
                   method=args.method, progress=getattr(args, "progress", "steps"),
                   switching=getattr(args, "switching", "fused"), compile=compile_option,
-                  text_encoder_lora=args.text_encoder_lora)
+                  text_encoder_lora=args.text_encoder_lora, np_mu=args.np_mu, switch_every=args.switch_every)
+    if outputs.export is not None:
+        from .export import export_lora
+
+        export_lora(pipe, files["content"], files["style"], outputs.export, method=args.method, np_mu=args.np_mu,
+                    content_scale=args.content_scale, style_scale=args.style_scale, overwrite=args.overwrite)
+        print(f"wrote {outputs.export} (the {args.method} LoRA of the two files)")
     if getattr(args, "cpu_offload", False):
         pipe.enable_model_cpu_offload(device=device)
     elif getattr(args, "sequential_cpu_offload", False):
         pipe.enable_sequential_cpu_offload(device=device)
+    if embedder is not None:
+        auto_beta(pipe, klora, embedder, args, call)
     print(klora_summary(klora))
     print(describe_settings(pipe, call) + (f", fps {outputs.fps:g}" if outputs.fps else ""))
     print(f"prompt: {args.prompt}")
     generate(pipe, klora, args, outputs, **call)
+
+
+def auto_beta(pipe, klora, embedder, args, call: dict) -> float:
+    """EST-LoRA's beta: 1 - cosine of the DINO embeddings of a content-only and a style-only picture, same
+    prompt, first seed and settings as the run. Sets it on ``klora`` and returns it."""
+    import torch
+
+    from . import est_lora
+
+    seed = args.seeds[0]
+    embeddings = {}
+    for role in ("content", "style"):
+        klora.set_method(role)
+        print(f"--beta auto: the {role}-only picture (seed {seed})")
+        kwargs = dict(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
+        embeddings[role] = embedder.embed(_call(pipe, kwargs, list(getattr(args, "call_arguments", None) or {}),
+                                                True).images[0])
+    klora.set_method("est")
+    beta = est_lora.beta_from_embeddings(embeddings["content"], embeddings["style"])
+    klora.set_schedule(beta=beta)
+    klora.beta_auto = {"dino_model": args.dino_model, "seed": seed, "cosine": 1.0 - beta}
+    print(f"--beta auto: 1 - cos(DINO of the two pictures) = {beta:.4f}")
+    return beta
 
 
 def klora_summary(klora) -> str:
@@ -668,8 +752,16 @@ def klora_summary(klora) -> str:
     full = f", full-weight deltas on {full} layers" if full else ""
     return (f"K-LoRA on {klora.family.name} ({model}), {klora.switching} switching (weight copies: {copies}): "
             f"{len(klora.paths)} layers chosen per step, {len(klora.only)} with one LoRA only{full}, gamma {gamma}, "
-            f"pattern {klora.pattern} (alpha {klora.alpha:g}, beta {klora.beta:g}), method {klora.method}, "
+            f"pattern {klora.pattern} (alpha {klora.alpha:g}, beta {klora.beta:g}), method {_method_text(klora)}, "
             f"progress {klora.progress_mode}{strengths}{extras}")
+
+
+def _method_text(klora) -> str:
+    if klora.method == "np":
+        return f"np (mu {klora.np_mu:g})"
+    if klora.method == "switch":
+        return f"switch (every {klora.switch_every} steps)"
+    return klora.method
 
 
 def _megabytes(size: int) -> str:

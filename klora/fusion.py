@@ -111,6 +111,7 @@ class KLoRA:
             check_supported(self.family, type(self.pipeline).__name__)
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self.set_schedule(pattern, alpha, beta)
+        self.beta_auto = None  # how beta was found when EST-LoRA's --beta auto set it (klora.cli.auto_beta)
         self.np_mu = methods.check_np_mu(np_mu)  # fixed once attached: NP-LoRA's correction is built from it
         self.switch_every = methods.check_switch_every(switch_every)
         for name, value, allowed in (("method", method, METHODS), ("progress", progress, PROGRESS),
@@ -535,6 +536,8 @@ class KLoRA:
                                   for key, scale in self.extra_scales.items()]
         if self.multi:
             log["denoisers"] = list(self.denoisers)
+        if self.beta_auto:
+            log["beta_auto"] = dict(self.beta_auto)
         if self.method == "np":
             log["np_mu"] = self.np_mu
         if self.method == "switch":
@@ -621,6 +624,22 @@ class KLoRA:
 def attach(target, content, style, **kwargs) -> KLoRA:
     """Attach K-LoRA to a pipeline or denoiser; ``detach()`` the result to remove it."""
     return KLoRA(target, content, style, **kwargs)
+
+
+def converted_pair(target, content, style, *, content_scale=1.0, style_scale=1.0, content_weight_name=None,
+                   style_weight_name=None) -> tuple[dict[str, dict], dict[str, str]]:
+    """({component: {"content": adapter, "style": adapter}}, {role: label}): the two LoRAs converted and
+    checked for each denoiser of ``target``, strengths applied, nothing loaded (``klora.export``)."""
+    _, family, denoisers = resolve_target(target)
+    files = {"content": _as_lora_file(content, content_weight_name, "content LoRA"),
+             "style": _as_lora_file(style, style_weight_name, "style LoRA")}
+    adapters, notes = _convert_all(family, denoisers, files)
+    for line in notes:
+        warnings.warn(line, stacklevel=3)
+    strengths = {"content": _strength(content_scale, "content_scale"), "style": _strength(style_scale, "style_scale")}
+    pair = {component: {role: loras.scaled(adapters[component, role], strengths[role]) for role in ROLES}
+            for component in denoisers}
+    return pair, {role: f.label for role, f in files.items()}
 
 
 def check_loras(name_or_path, files: dict[str, loras.LoRAFile]) -> list[str]:

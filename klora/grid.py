@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import temporary_beside
 from .errors import KLoRAError
 
 # Method tags of the comparison and what they mean for ``KLoRA``: (method, pattern).
@@ -331,7 +331,7 @@ def merge_run_record(old: dict | None, settings: dict, spec: Spec, where: str) -
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that a reader never sees half of it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import temporary_beside
 from .errors import KLoRAError
 
 # num_frames must be FRAME_STEP * k + 1: the VAE keeps the first frame on its own and
@@ -106,7 +107,7 @@ def write_mp4(frames: list[np.ndarray], path: str | os.PathLike, fps: float, pro
 
     path = Path(path)
     # ffmpeg picks the container from the extension: the temporary name ends in .mp4 too.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
+    fd, tmp = temporary_beside(path, ".mp4")
     os.close(fd)
     try:
         writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=MP4_QUALITY,
@@ -131,6 +132,9 @@ def write_frames(frames: list[np.ndarray], folder: str | os.PathLike, progress: 
 
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the frames folder should not be
     try:
         for index, frame in enumerate(tqdm(frames, desc=f"writing {folder.name}/", unit="frame",
                                            disable=not progress, leave=False)):

@@ -252,3 +252,16 @@ def test_size_defaults_to_the_models_own(base_args, tiny_sdxl_dir, tmp_path, cap
     vae = json.loads((Path(tiny_sdxl_dir) / "vae" / "config.json").read_text())
     side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     assert Image.open(tmp_path / "out" / "content_seed0.png").size == (side, side)
+
+
+def test_outputs_get_the_permissions_a_plain_open_gives(tmp_path):
+    """Atomic writes go through a private temporary file; the image must not stay private after the rename."""
+    import os
+    import stat
+
+    result = run_script("inference_sd.py", "--demo", "--output_folder", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
