@@ -21,6 +21,11 @@ Any family (SD3, Qwen-Image, Z-Image, FLUX.2, Wan, HunyuanVideo, ...):
     image = pipe("a sbu dog, szn watercolor").images[0]
     klora.selection_log(); klora.set_method("merge"); remove_klora(pipe)
 
+The other training-free rules run on the same object: ``insert_klora(..., method="np", np_mu=0.5)``
+(NP-LoRA), ``method="est"`` (EST-LoRA; ``klora.dino.auto_beta`` sets its beta from two pictures),
+``method="switch", switch_every=5`` (LoRA Switch). ``klora.export.export_lora(pipe, content, style,
+"fused.safetensors", method="np")`` writes NP-LoRA's merge as one LoRA file.
+
 ``insert_klora`` returns the ``KLoRA`` object; its keyword arguments go to ``KLoRA``
 (``method``, ``progress``, ``switching``, ``compile``, ``content_2``/``style_2`` for
 Wan 2.2's second expert, weight names, ...). The original's functions below attach
@@ -65,7 +70,8 @@ def insert_klora(pipe, content, style, alpha=rule.DEFAULT_ALPHA, beta=None, patt
 
     ``content`` / ``style``: a .safetensors file, a folder, a hub id or a state dict.
     ``alpha`` / ``beta`` / ``pattern``: the scale schedule (``beta=None``: the
-    pattern's default). ``kwargs`` go to ``KLoRA``: ``method``, ``progress``
+    pattern's default). ``kwargs`` go to ``KLoRA``: ``method`` (klora, est, switch,
+    np, merge, content, style: ``klora.methods``), ``np_mu``, ``switch_every``, ``progress``
     ("steps" or "noise"), ``switching`` ("fused" or "adapters"), ``compile``,
     ``content_2`` / ``style_2`` (second expert), ``content_weight_name``, ... A
     previous K-LoRA on the same model is replaced; ``remove_klora(pipe)`` takes it off.

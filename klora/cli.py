@@ -718,24 +718,12 @@ def fuse_and_generate(args, expect: str) -> None:
 
 
 def auto_beta(pipe, klora, embedder, args, call: dict) -> float:
-    """EST-LoRA's beta: 1 - cosine of the DINO embeddings of a content-only and a style-only picture, same
-    prompt, first seed and settings as the run. Sets it on ``klora`` and returns it."""
-    import torch
-
-    from . import est_lora
-
+    """``dino.auto_beta`` at the run's prompt, first seed and settings, with the run's error handling."""
     seed = args.seeds[0]
-    embeddings = {}
-    for role in ("content", "style"):
-        klora.set_method(role)
-        print(f"--beta auto: the {role}-only picture (seed {seed})")
-        kwargs = dict(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(seed), **call)
-        embeddings[role] = embedder.embed(_call(pipe, kwargs, list(getattr(args, "call_arguments", None) or {}),
-                                                True).images[0])
-    klora.set_method("est")
-    beta = est_lora.beta_from_embeddings(embeddings["content"], embeddings["style"])
-    klora.set_schedule(beta=beta)
-    klora.beta_auto = {"dino_model": args.dino_model, "seed": seed, "cosine": 1.0 - beta}
+    passed_through = list(getattr(args, "call_arguments", None) or {})
+    print(f"--beta auto: a content-only and a style-only picture (seed {seed}) for DINO")
+    beta = dino.auto_beta(pipe, klora, embedder, args.prompt, seed,
+                          call=lambda arguments: _call(pipe, arguments, passed_through, True), **call)
     print(f"--beta auto: 1 - cos(DINO of the two pictures) = {beta:.4f}")
     return beta
 

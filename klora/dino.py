@@ -23,7 +23,7 @@ class Embedder:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise KLoRAError(f"--dino_model '{name_or_path}': could not load a ViT and its image processor "
                              f"({first})") from None
-        self.device = device
+        self.device, self.name = device, str(name_or_path)
 
     def embed(self, image):
         """The CLS embedding of one PIL image, float32, on the CPU."""
@@ -32,3 +32,25 @@ class Embedder:
         inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
         with torch.no_grad():
             return self.model(**inputs).last_hidden_state[0, 0].float().cpu()
+
+
+def auto_beta(pipe, klora, embedder: Embedder, prompt: str, seed: int = 0, call=None, **kwargs) -> float:
+    """EST-LoRA's beta for ``klora`` on ``pipe``: ``1 - cos`` of the DINO embeddings of a content-only and a
+    style-only picture, same ``prompt``, ``seed`` and settings (``kwargs``: the pipeline call's). Sets it
+    (``klora.set_schedule``, method ``est``), records how (``klora.beta_auto``) and returns it. ``call``:
+    how to run the pipeline (default: ``pipe(**arguments)``)."""
+    import torch
+
+    from .est_lora import beta_from_embeddings
+
+    call = call or (lambda arguments: pipe(**arguments))
+    embeddings = {}
+    for role in ("content", "style"):
+        klora.set_method(role)
+        arguments = dict(kwargs, prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed))
+        embeddings[role] = embedder.embed(call(arguments).images[0])
+    klora.set_method("est")
+    beta = beta_from_embeddings(embeddings["content"], embeddings["style"])
+    klora.set_schedule(beta=beta)
+    klora.beta_auto = {"dino_model": embedder.name, "seed": seed, "cosine": 1.0 - beta}
+    return beta

@@ -401,6 +401,13 @@ class KLoRA:
         self.pattern, self.alpha, self.beta = pattern, alpha, beta
         self._plan = None  # re-plan on the next call
 
+    def set_switch_every(self, every: int) -> None:
+        """LoRA Switch's block length in steps (takes effect at the next generation or step)."""
+        self.switch_every = methods.check_switch_every(every)
+        self._plan = None
+        if self.method == "switch":
+            self.set_method("switch")
+
     def set_method(self, method: str) -> None:
         """One of ``klora.methods.METHODS``: klora, est, switch (per step), np, merge, content, style (static)."""
         self.method = methods.check_method(method)
