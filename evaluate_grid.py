@@ -21,6 +21,7 @@ from pathlib import Path
 
 from klora import cli
 from klora import grid as G
+from klora import methods
 
 FAMILIES = {"sd": "unet", "flux": "transformer"}
 DEFAULTS = {"sd": dict(steps=50, guidance=5.0, size=1024), "flux": dict(steps=28, guidance=3.5, size=1024)}
@@ -38,7 +39,8 @@ def build_parser():
                         help="any of " + ", ".join(G.METHODS) + " (default: all)")
     parser.add_argument("--alpha", type=float, default=1.5, help="K-LoRA alpha (default 1.5)")
     parser.add_argument("--beta", type=float, default=None,
-                        help="K-LoRA beta (default: 0.5 for klora-s, 0.85*alpha for klora-sstar)")
+                        help="beta of K-LoRA and EST-LoRA, >= 0 (default: 0.5 for the s pattern, 0.85*alpha for s*); "
+                             "np is NP-LoRA at mu 0.5, np-hard at mu inf; switch is LoRA Switch every 5 steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one image per seed and method (default: 0)")
     parser.add_argument("--num_images", type=int, default=None, help="seeds 0..N-1 (the paper: 10)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="denoising steps (default 50 sd, 28 flux)")
@@ -79,8 +81,8 @@ def check_arguments(args) -> None:
         raise cli.KLoRAError(f"--guidance_scale {args.guidance_scale}: must be 0 or more")
     if not (0 < args.alpha < float("inf")):
         raise cli.KLoRAError(f"--alpha {args.alpha}: must be a positive number")
-    if args.beta is not None and not abs(args.beta) < float("inf"):
-        raise cli.KLoRAError(f"--beta {args.beta}: must be a finite number")
+    if args.beta is not None:
+        methods.check_beta(args.beta, "--beta")
     for name in ("height", "width"):
         value = getattr(args, name) or defaults["size"]
         if value < 8 or value % 8 or value > cli.MAX_SIDE:
@@ -194,8 +196,11 @@ def _generate(pipe, jobs: list, args, state) -> int:
     done = 0
     for pair in dict.fromkeys(job.pair for job in jobs):
         mine = [job for job in jobs if job.pair == pair]
-        klora = KLoRA(pipe, pair.content.lora, pair.style.lora, content_weight_name=pair.content.weight_name,
-                      style_weight_name=pair.style.weight_name, alpha=args.alpha)
+        def attach(**options):
+            return KLoRA(pipe, pair.content.lora, pair.style.lora, content_weight_name=pair.content.weight_name,
+                         style_weight_name=pair.style.weight_name, alpha=args.alpha, **options)
+
+        klora, attached_with = attach(), {}
         choices_written = set()
         batches = []  # jobs of one method, at most --batch_size, generated in one pipeline call
         for job in mine:
@@ -213,8 +218,11 @@ def _generate(pipe, jobs: list, args, state) -> int:
                     klora.set_method(first)
                     callback = _switch_after(klora, at, second)
                 else:
-                    method, pattern = G.METHODS[job.method]
-                    if method == "klora":
+                    method, pattern, options = G.METHODS[job.method]
+                    if options != attached_with:  # NP-LoRA's mu is fixed when its correction is built
+                        klora.detach()
+                        klora, attached_with = attach(**options), options
+                    if method in methods.CHOOSING:
                         klora.set_schedule(pattern, args.alpha, args.beta)
                     klora.set_method(method)
                 kwargs = dict(prompt=pair.prompt, num_inference_steps=args.num_inference_steps,
@@ -237,7 +245,7 @@ def _generate(pipe, jobs: list, args, state) -> int:
                         sys.stdout.flush()
                     else:
                         print(f"wrote {job.path}", flush=True)
-                if klora.method == "klora" and job.method not in choices_written:  # the same for every seed
+                if klora.method in methods.PER_STEP and job.method not in choices_written:  # the same for every seed
                     choices_written.add(job.method)
                     _write_choices(klora, G.choices_path(Path(args.output_folder).expanduser(), pair.id, job.method))
         finally:

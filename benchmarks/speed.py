@@ -15,8 +15,8 @@ it does in a generation (its progress comes from that scheduler, as in a pipelin
 
 Rows, each printed as soon as it is measured (median of ``--rounds`` images after one
 warm-up image): the base model; one unfused LoRA (a PEFT adapter); for SDXL both LoRAs
-merged into the weights ("direct merge, fused"); K-LoRA with fused switching; K-LoRA
-with adapter switching; a LoRA stack: two unfused PEFT adapters, and K-LoRA fused with
+merged into the weights ("direct merge, fused"); K-LoRA with fused switching; NP-LoRA,
+EST-LoRA and LoRA Switch (fused); K-LoRA with adapter switching; a LoRA stack: two unfused PEFT adapters, and K-LoRA fused with
 a third LoRA always on (held in the copy its switches rewrite from); for SDXL the
 original implementation's per-call recompute
 (dense B @ A and top-K in every layer on every call, a Python comparison, the chosen
@@ -475,6 +475,14 @@ def main(argv=None):
     switches, shared, copies, gamma = layer_switches(klora), len(klora.paths), klora.memory(), klora.gamma
     switch_pass = measure_switch_pass(bench, klora)
     klora.detach()
+
+    # The other training-free rules (klora.methods), on the same two LoRAs.
+    for label, options in (("NP-LoRA (mu 0.5), one static merge fused into the weights", {"method": "np"}),
+                           ("EST-LoRA, fused switching", {"method": "est"}),
+                           ("LoRA Switch (every 5 steps), fused switching", {"method": "switch"})):
+        other = KLoRA(driver, content, style, **options)
+        bench.row(label, model)
+        other.detach()
 
     adapters = KLoRA(driver, content, style, switching="adapters")
     bench.row("K-LoRA, adapter switching (PEFT set_adapter)", model)

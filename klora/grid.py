@@ -28,17 +28,27 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import temporary_beside
 from .errors import KLoRAError
 
-# Method tags of the comparison and what they mean for ``KLoRA``: (method, pattern).
+# Method tags of the comparison and what they mean for ``KLoRA``: (method, pattern, attach-time options).
 METHODS = {
-    "klora-s": ("klora", "s"),
-    "klora-sstar": ("klora", "s*"),
-    "merge": ("merge", None),
-    "content": ("content", None),
-    "style": ("style", None),
+    "klora-s": ("klora", "s", {}),
+    "klora-sstar": ("klora", "s*", {}),
+    "est-s": ("est", "s", {}),
+    "est-sstar": ("est", "s*", {}),
+    "switch": ("switch", None, {}),
+    "np": ("np", None, {}),
+    "np-hard": ("np", None, {"np_mu": float("inf")}),
+    "merge": ("merge", None, {}),
+    "content": ("content", None, {}),
+    "style": ("style", None, {}),
 }
 METHOD_LABELS = {
     "klora-s": "K-LoRA (s)",
     "klora-sstar": "K-LoRA (s*)",
+    "est-s": "EST-LoRA (s)",
+    "est-sstar": "EST-LoRA (s*)",
+    "switch": "LoRA Switch",
+    "np": "NP-LoRA (mu 0.5)",
+    "np-hard": "NP-LoRA (mu inf)",
     "merge": "Direct merge",
     "content": "Content LoRA only",
     "style": "Style LoRA only",
@@ -421,9 +431,9 @@ def parse_split(method: str) -> tuple[str, int, str] | None:
 
 
 def method_order(methods) -> list[str]:
-    """Baselines first, K-LoRA last, like the paper's tables; unknown methods in between, step splits
-    after them by order and step."""
-    known = ["merge", "content", "style"]
+    """Baselines first, K-LoRA last, like the paper's tables; the other fusion rules and unknown methods
+    in between, step splits after them by order and step."""
+    known = ["merge", "content", "style", "np", "np-hard", "switch", "est-s", "est-sstar"]
     kl = ["klora-s", "klora-sstar"]
     methods = list(dict.fromkeys(methods))
     splits = sorted((m for m in methods if parse_split(m)), key=lambda m: (m[:3], parse_split(m)[1]))

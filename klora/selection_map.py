@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont, features
 
+from .methods import PER_STEP
+
 CONTENT = (230, 120, 40)  # orange
 STYLE = (40, 110, 200)  # blue
 NOT_RUN = (205, 205, 205)  # grey
@@ -213,9 +215,10 @@ def _columns(steps: list[dict]) -> tuple[list[int], list[dict[str, str]]]:
 def _nothing_to_draw(log: dict, numbers: list[int], keys: list[str]) -> str | None:
     if not numbers:
         method = log.get("method")
-        if method not in (None, "klora"):
-            return f"No K-LoRA steps recorded: only method 'klora' records them (this log's method is '{method}')."
-        return "No K-LoRA steps recorded yet: generate an image with method 'klora' first."
+        if method not in (None, *PER_STEP):
+            return (f"No steps recorded: only the per-step methods ({', '.join(PER_STEP)}) record them "
+                    f"(this log's method is '{method}').")
+        return "No steps recorded yet: generate an image with a per-step method (klora, est or switch) first."
     if not keys:
         return "The two LoRAs adapt no layer in common: K-LoRA has nothing to choose."
     return None
@@ -339,21 +342,27 @@ def _labels_width(panels, line: int, used_font) -> int:
 def _header(out: Layout, log, generation, steps, numbers, keys, text_font, title_font) -> int:
     """Title, settings, counts and legend; returns the y below them."""
     generations = log.get("generations") or []
-    title = "K-LoRA selection map"
+    title = {"est": "EST-LoRA selection map", "switch": "LoRA Switch selection map"}.get(log.get("method"),
+                                                                                      "K-LoRA selection map")
     if len(generations) > 1:
         title += f"  ·  generation {generation % len(generations) + 1} of {len(generations)}"
     gamma = log.get("gamma")
     gamma_text = ("gamma " + ", ".join(f"{name} {_number(g)}" for name, g in gamma.items())
                   if isinstance(gamma, dict) else f"gamma {_number(gamma)}")
-    settings = [f"pattern {log.get('pattern')}", f"alpha {_number(log.get('alpha'))}",
-                f"beta {_number(log.get('beta'))}", gamma_text, f"method {log.get('method')}"]
+    if log.get("method") == "switch":
+        settings = [f"method switch, every {log.get('switch_every')} steps, content first"]
+    else:
+        beta = f"beta {_number(log.get('beta'))}" + (" (auto, DINO)" if log.get("beta_auto") else "")
+        settings = [f"pattern {log.get('pattern')}", f"alpha {_number(log.get('alpha'))}", beta, gamma_text,
+                    f"method {log.get('method')}"]
     if log.get("progress"):
         settings.append(f"progress by {log['progress']}")
     if log.get("switching"):
         settings.append(f"switching {log['switching']}")
     counts = [f"{_count(len(keys), 'layer')} both LoRAs adapt (one row each)"]
     if log.get("only"):
-        counts.append(f"{len(log['only'])} adapted by one LoRA only, not drawn (they never switch)")
+        counts.append(f"{len(log['only'])} adapted by one LoRA only, not drawn ("
+                      + ("on in their LoRA's blocks only)" if log.get("method") == "switch" else "they never switch)"))
     if numbers:
         total = generations[generation].get("num_inference_steps")
         counts.append(_count(len(numbers), "step") if total in (None, len(numbers))
