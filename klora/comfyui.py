@@ -1,18 +1,28 @@
 """K-LoRA inside ComfyUI: the rule of ``klora.rule`` on ComfyUI's own ModelPatcher, for every model it loads LoRAs for.
 
+Methods (``klora.methods``; the rules themselves are in ``rule``, ``est_lora``, ``lora_switch``, ``np_lora``)
+    klora and est choose per step on each layer both LoRAs adapt (top-K sums or energies of the same
+    dense delta, gamma from the same L1 ratios); switch turns one whole LoRA off, on every layer it
+    adapts, per block of steps; np, merge, content and style are static (applied once, no wrappers):
+    np adds the content's low-rank parts projected off the style's right singular vectors on each
+    layer both adapt. Step numbers are the run's: a sampler given the tail of a schedule
+    (KSamplerAdvanced's ``start_at_step``, SplitSigmas) starts at its offset there (``schedule_origin``).
+
 What is patched
     Each LoRA file is read by ``klora.loras.read`` (so ``klora.checks`` refuses broken files in one
-    line) and then loaded by ComfyUI's own loader: ``comfy.lora_convert.convert_lora`` and
-    ``comfy.lora.load_lora`` over ``comfy.lora.model_lora_keys_unet`` (a fresh dict each time), so a
-    layout ComfyUI maps loads exactly as ``LoraLoaderModelOnly`` loads it. Names ComfyUI does not map
-    are added to that key map first, never renamed in the file: the PEFT form of diffusers names for
-    the UNet models (``unet.down_blocks.1...attn1.to_q``, from ComfyUI's own ``unet_to_diffusers``),
-    bare diffusers names for FLUX/SD3, and the diffusers, original and musubi-tuner names of Wan,
-    HunyuanVideo and LTX-Video (``klora.formats``' tables). Alphas that only the PEFT metadata gives
-    become ``.alpha`` tensors, since ComfyUI reads those only. After loading, a file key that maps to
-    nothing is an error naming the file and examples, except text-encoder keys and the Wan 2.1
-    image-to-video layers on a model without them (skipped with one warning each). LoHa, LoKr, OFT,
-    BOFT, GLoRA and ``set_weight`` patches are refused: K needs a rank. DoRA is refused by ``read``.
+    line; other files ComfyUI lists, .pt and the like, as ComfyUI reads them: ``read_file``) and
+    then loaded by ComfyUI's own loader: ``comfy.lora_convert.convert_lora`` and ``comfy.lora.load_lora``
+    over ``comfy.lora.model_lora_keys_unet`` (a fresh dict each time), so a layout ComfyUI maps loads
+    exactly as ``LoraLoaderModelOnly`` loads it. Names ComfyUI does not map are added to that key map
+    first, never renamed in the file: the PEFT form of diffusers names for the UNet models
+    (``unet.down_blocks.1...attn1.to_q``, from ComfyUI's own ``unet_to_diffusers``), bare diffusers
+    names for FLUX/SD3, and the diffusers, original and musubi-tuner names of Wan, HunyuanVideo and
+    LTX-Video (``klora.formats``' tables). Alphas that only the PEFT metadata gives become ``.alpha``
+    tensors, since ComfyUI reads those only. After loading, a file key that maps to nothing is an
+    error naming the file and examples, except text-encoder keys (a file of nothing else is refused
+    as a text-encoder LoRA) and the Wan 2.1 image-to-video layers on a model without them (skipped
+    with one warning each). LoHa, LoKr, OFT, BOFT, GLoRA and ``set_weight`` patches are refused: K
+    needs a rank. DoRA is refused by ``read``.
 
     Every weight key the two files touch gets one ``KLoRAPatch`` (a ``WeightAdapterBase``, the
     supported way to own what a key gets) in ``ModelPatcher.patches``. It holds both files' patches
@@ -48,16 +58,16 @@ When weights change
     (a float32 copy of the original, the key's patches, ComfyUI's rounding), bit-identical to a load;
     nothing is ever subtracted, so switching back and forth never drifts. A key only K-LoRA patches
     skips the layers of ``comfy.lora.calculate_weight`` around the same arithmetic (a switch would pay
-    them for every layer it changes), and under method klora a low-rank part of a float32 weight is one
-    ``addmm_`` (the product summed in and rounded once, where ComfyUI's ``LoRAAdapter`` rounds it
-    first: at most a float32 ulp apart; loads, lowvram forwards and switches all use it, so a layer holds
-    the same bits however it got its choice; content / style / merge keep ComfyUI's own arithmetic and
-    equal its loaders bit for bit). A layer switches at most about twice per run. Keys ComfyUI has not patched in place (lowvram
+    them for every layer it changes), and under the per-step methods a low-rank part of a float32
+    weight is one ``addmm_`` (the product summed in and rounded once, where ComfyUI's ``LoRAAdapter``
+    rounds it first: at most a float32 ulp apart; loads, lowvram forwards and switches all use it, so a
+    layer holds the same bits however it got its choice; the static methods keep ComfyUI's own
+    arithmetic, and content / style / merge equal its loaders bit for bit). Under K-LoRA a layer
+    switches at most about twice per run. Keys ComfyUI has not patched in place (lowvram
     ``LowVramPatch`` modules) are recomputed by ComfyUI at every forward and follow the current choice
     by themselves. Unloading, reloading, clones and other LoRA nodes need nothing else: whatever
-    ComfyUI computes reads the current choice. The state
-    lives on the ``KLoRA`` object (patch objects point at it, ``set_attachments("klora", ...)``),
-    never in globals or ``model_options``.
+    ComfyUI computes reads the current choice. The state lives on the ``KLoRA`` object (patch objects
+    point at it, ``set_attachments("klora", ...)``), never in globals or ``model_options``.
 
 Progress
     ``steps``: p = i / T, T = the steps of this sampler run (``len(sample_sigmas) - 1``) and
@@ -97,8 +107,7 @@ import comfy.patcher_extension
 import comfy.utils
 import comfy.weight_adapter
 
-from . import checks, formats, loras, rule
-from .comfyui_nodes import METHODS, PROGRESS  # the node's values (that module imports no ComfyUI)
+from . import checks, est_lora, formats, lora_switch, loras, methods, np_lora, rule
 from .errors import KLoRAError, LoRAError
 
 ROLES = ("content", "style")
@@ -106,6 +115,7 @@ ATTACHMENT = "klora"
 WRAPPER_KEY = "klora"
 MAX_LOGGED_GENERATIONS = 64
 SWITCHING = "comfyui"  # the log's "switching": keys recomputed from ComfyUI's backup (lowvram: per forward)
+PROGRESS = methods.COMFYUI_PROGRESS
 
 logger = logging.getLogger(__name__)
 
@@ -117,23 +127,27 @@ _WAN_IMAGE_LAYERS = re.compile(r"(cross_attn[._](k_img|v_img|norm_k_img)|(^|[._]
 _NAME_PREFIXES = ("unet.unet.", "unet.", "transformer.", "base_model.model.", "model.diffusion_model.",
                   "diffusion_model.", "")
 _NOT_LOADED = "lora key not loaded: "
+_SAFETENSORS = (".safetensors", ".sft")  # what comfy.utils.load_torch_file reads as safetensors
 
 
 # --- public interface ------------------------------------------------------------
 
 def apply(model, content_path, style_path, *, pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None, method="klora",
-          progress="steps", content_strength=1.0, style_strength=1.0, log_path=None, labels=None):
-    """A clone of ``model`` (a ``ModelPatcher``) with K-LoRA of the two LoRA files on it.
+          progress="steps", content_strength=1.0, style_strength=1.0, np_mu=methods.DEFAULT_NP_MU,
+          switch_every=methods.DEFAULT_SWITCH_EVERY, log_path=None, labels=None):
+    """A clone of ``model`` (a ``ModelPatcher``) with the two LoRA files fused on it by ``method``
+    (``klora.methods.METHODS``).
 
-    ``beta=None`` takes the pattern's paper value (``rule.default_beta``). ``log_path``: the
-    selection log's JSON file, written now and whenever a sampling run ends (None: no file).
-    ``labels``: {"content": ..., "style": ...} names for messages (default: the paths).
+    ``beta=None`` takes the pattern's paper value (``rule.default_beta``; klora and est). ``np_mu``
+    (method np; ``math.inf``: the hard projection) and ``switch_every`` (method switch) are the other
+    methods' knobs. ``log_path``: the selection log's JSON file, written now and whenever a sampling run
+    ends (None: no file). ``labels``: {"content": ..., "style": ...} names for messages (default: the paths).
     Raises ``KLoRAError`` (one line) for bad settings and ``LoRAError`` for a bad or misfit file.
     """
     patched = model.clone()
     klora = KLoRA(patched, content_path, style_path, pattern=pattern, alpha=alpha, beta=beta, method=method,
                   progress=progress, content_strength=content_strength, style_strength=style_strength,
-                  log_path=log_path, labels=labels)
+                  np_mu=np_mu, switch_every=switch_every, log_path=log_path, labels=labels)
     klora.attach(patched)
     return patched
 
@@ -209,7 +223,7 @@ def read_parts(model, path, role: str, label: str | None = None) -> tuple[dict[s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            lora = loras.read(Path(path), f"{role} LoRA")
+            lora = read_file(Path(path), role)
         except LoRAError as exc:
             raise LoRAError(str(exc).replace(own, label, 1)) from None
     notes = [str(w.message).replace(own, label, 1) for w in caught]
@@ -225,6 +239,10 @@ def read_parts(model, path, role: str, label: str | None = None) -> tuple[dict[s
     state = model.state_dict()
     skipped_te = [k for k in not_loaded if _TEXT_ENCODER.search(k)]
     unmapped = [k for k in not_loaded if k not in skipped_te]
+    if skipped_te and not loaded and not unmapped:
+        raise LoRAError(f"{label}: its layers are all for the text encoder (e.g. '{skipped_te[0]}'), which this node "
+                        "does not take: it patches the diffusion model only (load the file with ComfyUI's "
+                        "LoraLoader, whose CLIP input takes it)")
     if skipped_te:
         notes.append(f"{label}: {len(skipped_te)} text-encoder weights are not applied (this node patches the "
                      f"diffusion model; e.g. '{skipped_te[0]}')")
@@ -263,6 +281,34 @@ def read_parts(model, path, role: str, label: str | None = None) -> tuple[dict[s
         raise LoRAError(f"{label}: has no low-rank layer for this model (only full-weight deltas?); K-LoRA "
                         "chooses between low-rank layers")
     return parts, notes
+
+
+def read_file(path: Path, role: str) -> loras.LoRAFile:
+    """A LoRA file from ComfyUI's loras folder: ``loras.read`` for safetensors; any other file ComfyUI lists
+    there (.pt, .ckpt, .bin, ...) loaded as ComfyUI's own loaders load it, ``comfy.utils.load_torch_file``
+    with weights only (``torch.load(weights_only=True)``, which runs no code from the file), then held to
+    the checks ``loras.read`` makes (``checks.check_file`` warns through ``warnings``)."""
+    if path.suffix.lower() in _SAFETENSORS:
+        return loras.read(path, f"{role} LoRA")
+    label = f"{role} LoRA '{path}'"
+    try:
+        loaded = comfy.utils.load_torch_file(str(path), safe_load=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LoRAError(f"{label}: not a readable LoRA file (ComfyUI's load_torch_file, weights only: {reason})") \
+            from None
+    tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)} if isinstance(loaded, dict) else {}
+    if not tensors:
+        raise LoRAError(f"{label}: the file holds no tensors")
+    if not any(marker in key for key in tensors for marker in loras._LORA_MARKERS):
+        raise LoRAError(f"{label}: not a LoRA (no lora_A/lora_B or lora_down/lora_up weights; first key "
+                        f"'{next(iter(tensors))}': a full model checkpoint?)")
+    if any(key.endswith(("dora_scale", "lora_magnitude_vector")) for key in tensors):
+        raise LoRAError(f"{label}: a DoRA file (dora_scale / lora_magnitude_vector keys); K-LoRA chooses between "
+                        "plain low-rank updates, so DoRA files are refused")
+    for line in checks.check_file(tensors, {}, label):
+        warnings.warn(line, stacklevel=2)
+    return loras.LoRAFile(label=label, path=path, tensors=tensors, metadata={})
 
 
 def key_map_for(model, names) -> dict:
@@ -330,29 +376,37 @@ class _Unit:
     module: str  # model key without ".weight"/".bias"
     keys: dict[str, list[Part]]  # model key -> parts, both roles, in load order
     slices: list[tuple[int, int]]  # row ranges of the weight, each one layer of the rule
+    weight_key: str = ""
+    present: list[frozenset] = field(default_factory=list)  # roles with a part in each range
     applied: list[frozenset] = field(default_factory=list)  # roles applied in each range now
+    # Method np: range index -> the style's right singular vectors there (in x k, float64), the
+    # directions the content's low-rank parts on the weight are projected off.
+    directions: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class KLoRA:
-    """K-LoRA of a content and a style LoRA on one ComfyUI model: statistics, schedule, state and log.
+    """The two LoRAs of one node on one ComfyUI model: statistics, schedule, state and log.
 
     Made by ``apply``; one per node execution. ``attach`` puts its patches and wrappers on a
-    ``ModelPatcher`` (clones share it).
+    ``ModelPatcher`` (clones share it). The method decides what each range of a unit applies:
+    klora / est choose per step on the ranges both LoRAs adapt (K-LoRA's rule on top-K sums or on
+    energies), switch turns one whole LoRA off per block of steps, np projects the content once.
     """
 
     def __init__(self, patcher, content_path, style_path, *, pattern="s*", alpha=rule.DEFAULT_ALPHA, beta=None,
-                 method="klora", progress="steps", content_strength=1.0, style_strength=1.0, log_path=None,
+                 method="klora", progress="steps", content_strength=1.0, style_strength=1.0,
+                 np_mu=methods.DEFAULT_NP_MU, switch_every=methods.DEFAULT_SWITCH_EVERY, log_path=None,
                  labels=None):
-        for name, value, allowed in (("pattern", pattern, rule.PATTERNS), ("method", method, METHODS),
-                                     ("progress", progress, PROGRESS)):
+        for name, value, allowed in (("pattern", pattern, rule.PATTERNS), ("progress", progress, PROGRESS)):
             if value not in allowed:
                 raise KLoRAError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        method = methods.check_method(method)
         alpha = float(alpha)
         if not (0 < alpha < float("inf")):
             raise KLoRAError(f"alpha must be a positive number, got {alpha}")
-        beta = rule.default_beta(pattern, alpha) if beta is None else float(beta)
-        if not math.isfinite(beta):
-            raise KLoRAError(f"beta must be a finite number, got {beta}")
+        beta = rule.default_beta(pattern, alpha) if beta is None else methods.check_beta(beta)
+        self.np_mu = methods.check_np_mu(np_mu)
+        self.switch_every = methods.check_switch_every(switch_every)
         self.strengths = {"content": float(content_strength), "style": float(style_strength)}
         for role, value in self.strengths.items():
             if not math.isfinite(value):
@@ -367,10 +421,14 @@ class KLoRA:
             parts[role], notes = read_parts(model, path, role, label)
             self.labels[role] = label
             for line in notes:
-                logger.warning(line)
+                _warn(line)
+        if _same_file(content_path, style_path):
+            _warn(f"the content and style LoRAs are the same file ({self.labels['content']}): both sides hold the "
+                  "same update, so there is nothing to fuse; choose the style LoRA in style_lora")
         self._build_units(model, parts, patcher.load_device)
         self.generations: list[dict] = []
         self._run = None
+        self._origin = None  # (first step, steps) of the schedule the running sampler's sigmas were cut from
         self.save_log()
 
     # --- setup ---
@@ -387,55 +445,69 @@ class KLoRA:
                 modules.setdefault(module, {}).setdefault(key, []).extend(key_parts)
         self.units: list[_Unit] = []
         self.stats: dict[str, rule.LayerStats] = {}
+        self.energies: dict[str, tuple[float, float]] = {}  # EST-LoRA's (||dW_c||_F^2, ||dW_s||_F^2) per chosen layer
         self.only: dict[str, str] = {}
-        self._chosen: list[tuple[_Unit, int, str]] = []  # (unit, range index, log key), in model order
+        self._chosen: list[tuple[_Unit, int, str]] = []  # (unit, range index, log key): the rows of the log
         self._zero_sides: list[str] = []  # the role with an all-zero update, per layer both adapt
+        self._shared = 0  # ranges both LoRAs adapt with low-rank parts
         for module in sorted(modules, key=_model_order(state)):
             keys = modules[module]
             weight_key = next((k for k in (f"{module}.weight", module) if k in state), next(iter(keys)))
             rows = _length(state, weight_key)
-            unit = _Unit(module, keys, list(slices.get(weight_key, [(0, rows)])))
+            unit = _Unit(module, keys, list(slices.get(weight_key, [(0, rows)])), weight_key)
             if any(p.function is not None or (p.offset is not None and p.offset[0] != 0)
                    for ps in keys.values() for p in ps):
                 unit.slices = [(0, rows)]  # rows reordered or cut along another dimension: one layer
             unit.applied = self._unit_roles(unit, weight_key, state, device)
             self.units.append(unit)
+        # Ranges that change from step to step, in the order of the mask: the chosen layers for K-LoRA and
+        # EST-LoRA; every range of either LoRA for LoRA Switch, which turns the other LoRA off everywhere.
+        self._stepped = ([(unit, i, None) for unit in self.units for i in range(len(unit.slices))]
+                         if self.method == "switch" else self._chosen)
         self.gamma = rule.gamma_from_ratios([self.stats[key].ratio for _, _, key in self._chosen])
-        self._content_topk = torch.tensor([self.stats[k].content_topk_sum for _, _, k in self._chosen],
-                                          dtype=torch.float64)
-        self._style_topk = torch.tensor([self.stats[k].style_topk_sum for _, _, k in self._chosen],
-                                        dtype=torch.float64)
-        if self.method == "klora":
-            self._show(self._mask_at(0.0))
+        self._content_topk, self._style_topk = (
+            torch.tensor([getattr(self.stats[k], f"{role}_topk_sum") for _, _, k in self._chosen], dtype=torch.float64)
+            for role in ROLES)
+        self._content_energy, self._style_energy = (
+            torch.tensor([self.energies[k][i] for _, _, k in self._chosen], dtype=torch.float64) for i in (0, 1))
+        if self.method in methods.PER_STEP:  # until the first step: the choice at step 0
+            self._show(self._mask_at(0.0, 0))
         for role in ROLES:
             if count := self._zero_sides.count(role):
                 other = "style" if role == "content" else "content"
-                logger.warning(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the "
-                               f"{other} LoRA is used there at every step")
-        if not self._chosen and self.method == "klora":
-            logger.warning("K-LoRA: the content and style LoRAs adapt no layer in common: K-LoRA has nothing to "
-                           "choose, each LoRA is applied on its own layers")
+                _warn(f"{count} layers both LoRAs adapt are all zero in the {self.labels[role]}: the {other} LoRA is "
+                      "used there at every step")
+        if not self._shared and self.method in (*methods.CHOOSING, "np"):
+            _warn("the content and style LoRAs adapt no layer in common: there is nothing to choose or project, "
+                  "each LoRA is applied on its own layers")
 
     def _unit_roles(self, unit, weight_key, state, device) -> list[frozenset]:
-        """What each range of ``unit`` applies under this method (under "klora", until the first choice);
-        records the rule's statistics of the ranges both LoRAs adapt with low-rank parts."""
+        """What each range of ``unit`` applies under this method (under a per-step method, until the first
+        step); records the statistics of the ranges both LoRAs adapt with low-rank parts (per-step methods)
+        and the style's directions there (np)."""
         rows = _length(state, weight_key)
-        present = [frozenset(p.role for ps in unit.keys.values() for p in ps
-                             if _overlaps(p.rows(_length(state, p.key)), span)) for span in unit.slices]
-        if self.method != "klora":
-            return present
+        unit.present = [frozenset(p.role for ps in unit.keys.values() for p in ps
+                                  if _overlaps(p.rows(_length(state, p.key)), span)) for span in unit.slices]
+        if self.method not in (*methods.PER_STEP, "np"):
+            return list(unit.present)
         low_rank = [{role: [p for p in unit.keys.get(weight_key, []) if p.role == role and p.low_rank
                             and _overlaps(p.rows(rows), span)] for role in ROLES} for span in unit.slices]
         both = [i for i, parts in enumerate(low_rank) if all(parts.values())]
+        self._shared += len(both)
+        if self.method == "np":
+            unit.directions = {i: _style_directions(low_rank[i]["style"], unit.slices[i], state[weight_key],
+                                                    weight_key, device) for i in both}
+            return list(unit.present)
         # K = r_c * r_s; a range two low-rank parts of one LoRA cover has the sum of their ranks.
         ks = {i: math.prod(sum(p.rank for p in low_rank[i][role]) for role in ROLES) for i in both}
-        sums = {i: {} for i in both}
+        sums, energies = {i: {} for i in both}, {i: {} for i in both}
         for role in ROLES if both else ():  # one dense delta of one LoRA in memory at a time
             delta = _delta([p for p in unit.keys[weight_key] if p.role == role and p.low_rank], state[weight_key],
                            weight_key, device)
             for i in both:
                 start, stop = unit.slices[i]
                 sums[i][role] = rule.magnitude_sums(delta[start:stop].flatten(1).abs(), ks[i])
+                energies[i][role] = est_lora.energy(delta[start:stop])
             del delta
         applied = []
         for i, parts in enumerate(low_rank):
@@ -444,10 +516,10 @@ class KLoRA:
             if len(adapting) == 1:
                 self.only[key] = adapting[0]
             if i not in both:
-                applied.append(present[i])
+                applied.append(unit.present[i])
                 continue
             zero = [role for role in ROLES if sums[i][role][1] == 0]
-            if zero:  # an all-zero update never competes: the other LoRA is used there
+            if zero and self.method in methods.CHOOSING:  # an all-zero update never competes: the other LoRA is used
                 self._zero_sides.extend(zero)
                 self.only[key] = "style" if zero == ["content"] else "content"
                 applied.append(frozenset({self.only[key]}))
@@ -455,8 +527,9 @@ class KLoRA:
             (content_topk, content_sum), (style_topk, style_sum) = sums[i]["content"], sums[i]["style"]
             self.stats[key] = rule.LayerStats(k=ks[i], content_topk_sum=content_topk, style_topk_sum=style_topk,
                                               content_abs_sum=content_sum, style_abs_sum=style_sum)
+            self.energies[key] = (energies[i]["content"], energies[i]["style"])
             self._chosen.append((unit, i, key))
-            applied.append(frozenset(ROLES))  # replaced by the first choice
+            applied.append(unit.present[i])  # replaced by the first step's choice
         return applied
 
     def attach(self, patcher) -> None:
@@ -470,7 +543,7 @@ class KLoRA:
         if len(added) != len(patches):
             missing = sorted(set(patches) - set(added))[:3]
             raise KLoRAError(f"ComfyUI did not take K-LoRA's patches for {missing}")
-        if self.method == "klora":
+        if self.method in methods.PER_STEP:
             patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                          self._outer_sample)
             patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
@@ -481,28 +554,38 @@ class KLoRA:
 
     @property
     def paths(self) -> list[str]:
-        """Log keys of the layers K-LoRA chooses in, per step, in model order."""
+        """Log keys of the layers both LoRAs adapt that a per-step method chooses in, in model order."""
         return [key for _, _, key in self._chosen]
 
     def scale_at(self, progress: float) -> float:
         return rule.scale_at(progress, self.pattern, self.alpha, self.beta)
 
-    def _mask_at(self, progress: float) -> tuple:
-        return tuple(rule.content_mask(self._content_topk, self._style_topk, self.gamma,
-                                       self.scale_at(progress)).tolist())
+    def _mask_at(self, progress: float, step: int) -> tuple:
+        """True (content) or False (style) for each range that changes per step, at this step."""
+        if self.method == "switch":
+            return (lora_switch.uses_content(step, self.switch_every),) * len(self._stepped)
+        if self.method == "est":
+            mask = est_lora.content_mask(self._content_energy, self._style_energy, self.gamma, self.scale_at(progress))
+        else:
+            mask = rule.content_mask(self._content_topk, self._style_topk, self.gamma, self.scale_at(progress))
+        return tuple(mask.tolist())
 
-    def choices_at(self, progress: float) -> dict[str, str]:
-        """Which LoRA each chosen layer uses at ``progress``."""
-        return self._choices(self._mask_at(progress))
+    def choices_at(self, progress: float, step: int | None = None) -> dict[str, str]:
+        """Which LoRA each chosen layer uses at ``progress`` (klora, est) or at ``step`` (switch)."""
+        if self.method == "switch" and step is None:
+            raise KLoRAError("LoRA Switch chooses by step: give the step")
+        return self._choices(self._mask_at(progress, step or 0))
 
     def _choices(self, mask) -> dict[str, str]:
+        if self.method == "switch":  # one LoRA everywhere
+            mask = mask[:1] * len(self._chosen)
         return {key: ("content" if c else "style") for (_, _, key), c in zip(self._chosen, mask)}
 
     def _show(self, mask: tuple) -> list[_Unit]:
-        """Set the chosen ranges to ``mask``; returns the units whose applied roles changed."""
+        """Set the ranges that change per step to ``mask``; returns the units whose applied roles changed."""
         changed = {}
-        for (unit, index, _), use_content in zip(self._chosen, mask):
-            roles = frozenset({"content" if use_content else "style"})
+        for (unit, index, _), use_content in zip(self._stepped, mask):
+            roles = unit.present[index] & {"content" if use_content else "style"}
             if unit.applied[index] != roles:
                 unit.applied[index] = roles
                 changed[id(unit)] = unit
@@ -512,10 +595,11 @@ class KLoRA:
 
     def _outer_sample(self, executor, *args, **kwargs):
         self._run = None  # the first model call of this run starts its generation
+        self._origin = schedule_origin(kwargs["sigmas"] if "sigmas" in kwargs else args[3])
         try:
             return executor(*args, **kwargs)
         finally:
-            self._run = None
+            self._run = self._origin = None
             self.save_log()
 
     def _apply_model(self, executor, *args, **kwargs):
@@ -529,12 +613,12 @@ class KLoRA:
         """Make the weights hold this step's choice before a model call."""
         sigmas = transformer_options.get("sigmas")
         schedule = transformer_options.get("sample_sigmas")
-        if sigmas is None or schedule is None or not self._chosen:
+        if sigmas is None or schedule is None or not self._stepped:
             return
         run = self._run
         if run is None or run.schedule is not schedule:
-            run = self._run = _Run(self, schedule, base_model.model_sampling)
-            self.generations.append({"num_inference_steps": run.total, "steps": []})
+            run = self._run = _Run(self, schedule, base_model.model_sampling, self._origin)
+            self.generations.append({"num_inference_steps": run.schedule_steps, "steps": []})
             del self.generations[:-MAX_LOGGED_GENERATIONS]
         step = run.step_of(float(sigmas.flatten()[0]))
         if step == run.step:
@@ -546,8 +630,8 @@ class KLoRA:
             _repatch(base_model.current_patcher, [key for unit in changed for key in unit.keys])
         if step not in run.logged:
             run.logged.add(step)
-            self.generations[-1]["steps"].append({"step": step, "progress": progress,
-                                                  "scale": self.scale_at(progress),
+            scale = None if self.method == "switch" else self.scale_at(progress)
+            self.generations[-1]["steps"].append({"step": run.first + step, "progress": progress, "scale": scale,
                                                   "choices": self._choices(run.masks[step])})
 
     # --- the log ---
@@ -559,7 +643,12 @@ class KLoRA:
         log.update(self.labels)
         if self.strengths != {"content": 1.0, "style": 1.0}:  # the engine's keys; statistics stay the files' own
             log["content_scale"], log["style_scale"] = self.strengths["content"], self.strengths["style"]
-        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum}
+        if self.method == "np":
+            log["np_mu"] = self.np_mu
+        if self.method == "switch":
+            log["switch_every"] = self.switch_every
+        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum,
+                               "content_energy": self.energies[key][0], "style_energy": self.energies[key][1]}
                          for key, s in self.stats.items()}
         log["only"] = dict(self.only)
         log["generations"] = [{"num_inference_steps": g["num_inference_steps"], "steps": list(g["steps"])}
@@ -590,24 +679,43 @@ class KLoRA:
 
     def __repr__(self) -> str:
         return (f"KLoRA(pattern={self.pattern!r}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma:.4g}, "
-                f"method={self.method!r}, progress={self.progress!r}, shared_layers={len(self._chosen)}, "
+                f"method={self.method!r}, progress={self.progress!r}, shared_layers={self._shared}, "
                 f"single_lora_layers={len(self.only)})")
+
+
+def schedule_origin(sigmas) -> tuple[int, int] | None:
+    """(the index of the first of ``sigmas`` in the schedule they were cut from, that schedule's steps).
+
+    KSamplerAdvanced (``start_at_step``) and SplitSigmas hand a sampler a slice of the schedule, a view of
+    the tensor the scheduler made: its offset in that tensor is the run's first step. A KSampler with
+    denoise < 1 runs the last steps of a longer schedule and is placed there likewise. None when the
+    sigmas are not such a view."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or len(sigmas) < 2 or sigmas.stride(0) != 1:
+        return None
+    whole = sigmas.untyped_storage().nbytes() // sigmas.element_size()
+    first = sigmas.storage_offset()
+    if first + len(sigmas) > whole:
+        return None
+    return first, whole - 1
 
 
 class _Run:
     """One sampler run: its steps, their progress and choices, worked out once from ``sample_sigmas``."""
 
-    def __init__(self, klora: KLoRA, schedule: torch.Tensor, model_sampling):
+    def __init__(self, klora: KLoRA, schedule: torch.Tensor, model_sampling, origin=None):
         self.schedule = schedule
         self.sigmas = [float(s) for s in schedule.detach().float().cpu()]
         self.total = max(len(self.sigmas) - 1, 1)
+        # The run's first step in the whole schedule (the step the log and LoRA Switch number it with).
+        self.first, self.schedule_steps = origin if origin is not None else (0, self.total)
         steps = range(self.total)
         if klora.progress == "percent":
             self.progress = [sampling_percent(model_sampling, self.sigmas[i]) for i in steps]
         else:
             self.progress = [i / self.total for i in steps]
         canonical = {}
-        self.masks = [canonical.setdefault(m, m) for m in (klora._mask_at(p) for p in self.progress)]
+        self.masks = [canonical.setdefault(m, m)
+                      for m in (klora._mask_at(p, self.first + i) for i, p in enumerate(self.progress))]
         self.step = None
         self.logged: set[int] = set()
 
@@ -639,7 +747,12 @@ class KLoRAPatch(comfy.weight_adapter.WeightAdapterBase):
         self._owner = (None, None, None)  # (model, module holding the weight, attribute), found once
         # One addmm per low-rank part where layers switch during a run and the weight keeps float32 (with a
         # half-precision weight ComfyUI's rounding order decides which way a value rounds: kept as it is).
-        self.one_pass = klora.method == "klora" and weight_dtype == torch.float32
+        self.one_pass = klora.method in methods.PER_STEP and weight_dtype == torch.float32
+        # NP-LoRA: the content's low-rank parts on these ranges of the weight are projected off the style's
+        # directions (c = mu / (1 + mu)).
+        self.projections = ({unit.slices[i]: v for i, v in unit.directions.items() if v.shape[1]}
+                            if key == unit.weight_key else {})
+        self.projection_strength = np_lora.projection_strength(klora.np_mu)
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -657,19 +770,28 @@ class KLoRAPatch(comfy.weight_adapter.WeightAdapterBase):
                 if not inside:
                     continue
                 whole = sum(b - a for a, b in inside) == stop - start
-                # Some of its rows only: its delta alone (0 + d is d, exactly), then added to those rows.
-                target = weight if whole else torch.zeros_like(weight)
+                project = role == "content" and part.low_rank and self.projections
+                # Some of its rows only, or projected: its delta alone (0 + d is d, exactly), then added to those rows.
+                target = weight if whole and not project else torch.zeros_like(weight)
                 if part.plain:
                     _add_part(target, part, scale, self.one_pass)
                 else:
                     target = comfy.lora.calculate_weight([(scale, part.patch, 1.0, part.offset, part.function)],
                                                          target, key, intermediate_dtype, original_weight)
-                if whole:
-                    weight = target
-                else:
+                if project:
+                    self._project(target)
+                if target is not weight:
                     for a, b in inside:
                         weight[a:b] += target[a:b]
         return weight
+
+    def _project(self, delta) -> None:
+        """NP-LoRA on a content delta, in place: ``dW_c (I - c V V^T)`` on each range both LoRAs adapt."""
+        for (a, b), directions in self.projections.items():
+            rows = delta[a:b]
+            projected = np_lora.project_content(rows.reshape(b - a, -1), directions.to(rows.device),
+                                                self.projection_strength)
+            rows.copy_(projected.reshape(rows.shape))
 
     @property
     def plain(self) -> bool:
@@ -701,13 +823,12 @@ class KLoRAPatch(comfy.weight_adapter.WeightAdapterBase):
 def _add_part(weight, part: Part, strength: float, one_pass: bool) -> None:
     """``weight += strength * part`` for a plain part, in ``weight``'s dtype (ComfyUI's intermediate dtype).
 
-    A low-rank part: with ``one_pass`` (method klora, whose layers switch during a run, on a float32
-    weight), one ``addmm_``:
-    the product summed into the weight and rounded once, one pass over it; otherwise op for op what
-    ComfyUI's ``LoRAAdapter`` does (the product, rounded, times strength * alpha, then added), so that
-    content / style / merge equal ``LoraLoaderModelOnly`` bit for bit. The two are at most a float32 ulp
-    apart. Loads, lowvram forwards and switches of one K-LoRA all compute a key the same way, so a layer
-    holds the same bits however it got its choice. A ``diff``: as ComfyUI adds it."""
+    A low-rank part: with ``one_pass`` (a per-step method, whose layers switch during a run, on a
+    float32 weight), one ``addmm_``: the product summed into the weight and rounded once, one pass over
+    it; otherwise op for op what ComfyUI's ``LoRAAdapter`` does (the product, rounded, times strength *
+    alpha, then added), so that content / style / merge equal ``LoraLoaderModelOnly`` bit for bit. The
+    two are at most a float32 ulp apart. Loads, lowvram forwards and switches of one K-LoRA all compute
+    a key the same way, so a layer holds the same bits however it got its choice. A ``diff``: as ComfyUI adds it."""
     target = weight if part.offset is None else weight.narrow(part.offset[0], part.offset[1], part.offset[2])
     if part.low_rank:
         up, down = part.tensors_on(target.device)
@@ -724,6 +845,42 @@ def _add_part(weight, part: Part, strength: float, one_pass: bool) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------
+
+def _warn(text: str) -> None:
+    """Log a warning; every warning the node logs starts with "K-LoRA:"."""
+    logger.warning(text if text.startswith("K-LoRA:") else f"K-LoRA: {text}")
+
+
+def _same_file(first, second) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _style_directions(parts, span, weight, key, device) -> torch.Tensor:
+    """``np_lora.style_directions`` of the style's low-rank ``parts`` over the rows ``span`` of ``weight``:
+    their A rows and B columns stacked, each B cut to the range (a fused weight's range has the delta
+    ``B[rows] @ A``), alpha / rank folded into B. A part that is not a plain B @ A over whole input rows (a
+    mid factor, an offset along another dimension) adds its dense delta over the range instead."""
+    start, stop = span
+    ups, downs = [], []
+    for part in parts:
+        if part.patch.weights[3] is None and (part.offset is None or part.offset[0] == 0):
+            B, A = part.tensors_on(device)
+            alpha = part.patch.weights[2]
+            scale = float(alpha) / A.shape[0] if alpha is not None else 1.0
+            first, last = part.rows(weight.shape[0])
+            a, b = max(start, first), min(stop, last)
+            up = B.new_zeros(stop - start, A.shape[0])
+            up[a - start:b - start] = scale * B[a - first:b - first]
+        else:
+            A = _delta([part], weight, key, device)[start:stop].flatten(1)
+            up = torch.eye(stop - start, dtype=A.dtype, device=device)
+        ups.append(up)
+        downs.append(A)
+    return np_lora.style_directions(torch.cat(downs), torch.cat(ups, dim=1))
+
 
 def log_key(module: str, slices, index: int) -> str:
     """ComfyUI's weight key without ``.weight``, with ``[start:stop]`` when the weight holds several layers."""

@@ -298,3 +298,45 @@ def pair_stats(content_layers, style_layers, cut) -> dict[str, dict]:
     style = {(l.key, l.rows): l for l in style_layers}
     return {c.log_key(cut(c)): layer_stats(c, style[(c.key, c.rows)]) for c in content_layers
             if (c.key, c.rows) in style}
+
+
+# --- the other methods, recomputed ------------------------------------------------
+
+def energy(layer: Layer) -> float:
+    """EST-LoRA's ||scale * B @ A||_F^2, in float64."""
+    return float(layer.delta().square().sum())
+
+
+def expected_est_choice(content_energy, style_energy, gamma, scale) -> str:
+    return "content" if content_energy / gamma > style_energy * scale else "style"
+
+
+def np_merged(content_layers, style_layers, mu, content_strength=1.0, style_strength=1.0) -> list[Layer]:
+    """NP-LoRA's merge recomputed densely in float64, as ordinary low-rank layers.
+
+    Where both adapt the same (key, rows): ``s_s dW_s + s_c dW_c (I - c V V^T)`` with V the right singular
+    vectors of dW_s from a full ``torch.linalg.svd`` (those above 1e-6 of the largest singular value) and
+    c = mu / (1 + mu) (1 for mu = inf); elsewhere each LoRA's own ``s dW``. Each merged delta is written as
+    the factors of its own SVD (up = U S, down = V^T), cut at its rank bound, with no alpha."""
+    c = 1.0 if math.isinf(mu) else mu / (1 + mu)
+    style = {(l.key, l.rows): l for l in style_layers}
+    content = {(l.key, l.rows): l for l in content_layers}
+    out = []
+    for place in list(content) + [p for p in style if p not in content]:
+        c_layer, s_layer = content.get(place), style.get(place)
+        if c_layer is not None and s_layer is not None:
+            style_delta = s_layer.delta()
+            _, singular, right = torch.linalg.svd(style_delta, full_matrices=False)
+            V = right[singular > 1e-6 * singular[0]].T
+            projector = torch.eye(V.shape[0], dtype=torch.float64) - c * V @ V.T
+            merged = style_strength * style_delta + content_strength * c_layer.delta() @ projector
+            rank = c_layer.rank + s_layer.rank
+        else:
+            layer = c_layer or s_layer
+            merged = (content_strength if c_layer is not None else style_strength) * layer.delta()
+            rank = layer.rank
+        U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
+        rank = min(rank, S.numel())
+        up, down = (U[:, :rank] * S[:rank]).float().contiguous(), Vh[:rank].float().contiguous()
+        out.append(Layer(place[0], place[1], down, up, None))
+    return out

@@ -244,7 +244,7 @@ def test_a_switch_writes_what_comfyuis_own_patch_writes(dtype, tmp_path):
     with torch.inference_mode():  # as ComfyUI runs a workflow
         comfy.model_management.load_models_gpu([model])
         klora = kc.attached(model)
-        first = klora._mask_at(0.0)
+        first = klora._mask_at(0.0, 0)
         changed = klora._show(tuple(not c for c in first))  # every chosen layer switches
         keys = [key for unit in changed for key in unit.keys]
         assert len(keys) == len(klora.paths) > 0
@@ -403,8 +403,9 @@ def test_steps_progress_counts_steps_not_model_calls(sampler, calls_per_step, tm
         assert torch.allclose(weight[start:stop].double(), expected, atol=1e-6), (sampler, sigma, step)
 
 
-def wan22(tmp_path, progress):
-    """Two tiny Wan experts (high noise, low noise) with a K-LoRA node each, and their files."""
+def wan22(tmp_path, progress, **options):
+    """Two tiny Wan experts (high noise, low noise) with a K-LoRA node each (``options``: more of its inputs),
+    and their files."""
     experts = []
     for n, seed in enumerate((0, 1)):
         tiny = cm.build("wan21", seed=seed)
@@ -412,7 +413,8 @@ def wan22(tmp_path, progress):
         folder.mkdir()
         content, style, content_file, style_file = pair(tiny, folder, content_seed=10 + n, style_seed=20 + n)
         log_path = folder / "log.json"
-        model = kc.apply(tiny.patcher, content_file, style_file, pattern="s", progress=progress, log_path=log_path)
+        model = kc.apply(tiny.patcher, content_file, style_file, **{"pattern": "s", **options}, progress=progress,
+                         log_path=log_path)
         experts.append((tiny, model, content, style, log_path, folder))
     return experts
 
@@ -430,7 +432,7 @@ def test_percent_progress_continues_across_wan22_experts_and_stays_exact(tmp_pat
     ours = run_wan22(experts)
     logs = [json.loads(e[4].read_text()) for e in experts]
     progress = [[s["progress"] for s in log["generations"][-1]["steps"]] for log in logs]
-    assert [s["step"] for s in logs[1]["generations"][-1]["steps"]] == [0, 1]
+    assert [s["step"] for s in logs[1]["generations"][-1]["steps"]] == [2, 3]  # the run's steps 2-3 of 4
     assert progress[0] == pytest.approx([0.0, 0.25], abs=1e-6)
     assert progress[1] == pytest.approx([0.5, 0.75], abs=1e-6), "the low expert must continue where the high stopped"
     for log, values in zip(logs, progress):
@@ -446,9 +448,9 @@ def test_percent_progress_continues_across_wan22_experts_and_stays_exact(tmp_pat
 def test_steps_progress_is_per_sampler_run_and_percent_places_denoise(tmp_path):
     experts = wan22(tmp_path, "steps")
     run_wan22(experts)
-    for _, _, _, _, log_path, _ in experts:
+    for first, (_, _, _, _, log_path, _) in zip((0, 2), experts):
         steps = json.loads(log_path.read_text())["generations"][-1]["steps"]
-        assert [(s["step"], s["progress"]) for s in steps] == [(0, 0.0), (1, 0.5)]
+        assert [(s["step"], s["progress"]) for s in steps] == [(first, 0.0), (first + 1, 0.5)]
 
     tiny = cm.build("wan21")
     _, _, content_file, style_file = pair(tiny, tmp_path)
@@ -834,10 +836,10 @@ def test_nodes_interface_and_a_workflow_with_every_input_set(comfy_folders, tmp_
     inputs = node.INPUT_TYPES()
     assert list(inputs["required"]) == ["model", "content_lora", "style_lora", "pattern", "alpha", "beta", "method",
                                         "progress", "selection_log"]
-    assert list(inputs["optional"]) == ["content_strength", "style_strength"]
+    assert list(inputs["optional"]) == ["content_strength", "style_strength", "np_mu", "switch_every"]
     assert inputs["required"]["content_lora"][0] == ["content.safetensors", "style.safetensors"]
     assert inputs["required"]["pattern"][0] == ["s*", "s"] and inputs["required"]["alpha"][1]["default"] == 1.5
-    assert inputs["required"]["method"][0] == ["klora", "merge", "content", "style"]
+    assert inputs["required"]["method"][0] == ["klora", "est", "switch", "np", "merge", "content", "style"]
     assert inputs["required"]["progress"][0] == ["steps", "percent"]
     assert node.RETURN_TYPES == ("MODEL",) and node.CATEGORY.startswith("loaders")
 
@@ -906,3 +908,256 @@ def test_an_all_zero_side_never_competes_and_one_lora_layers_are_always_on(tmp_p
     assert math.isclose(log["gamma"], files.expected_gamma([s["ratio"] for s in stats.values()]), rel_tol=1e-6)
     expected = stepwise_reference(tiny, tmp_path, content, style, schedule_of(log_path), 4, fixed=log["only"])
     assert relative_error(cm.sample(tiny, model, steps=4), expected) < 2e-6
+
+
+# --- the other methods: NP-LoRA, EST-LoRA, LoRA Switch --------------------------------------
+
+def loaded_weights(patcher) -> dict[str, torch.Tensor]:
+    """The denoiser's weights with ``patcher`` loaded as a sampler loads it, then unloaded again."""
+    comfy.model_management.load_models_gpu([patcher])
+    try:
+        return cm.weights(patcher)
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+@pytest.mark.parametrize("family,cut", [("flux", True), ("flux", False), ("wan21", None),
+                                        pytest.param("sdxl", None, marks=pytest.mark.slow)])
+def test_np_equals_comfyuis_loader_on_the_merge_recomputed_with_a_dense_svd(family, cut, tmp_path):
+    """NP-LoRA (the content projected off the style's right singular vectors, on each diffusers layer of a fused
+    weight) equals ``LoraLoaderModelOnly`` on one ordinary LoRA file of the merge, which the test makes itself
+    from a dense float64 SVD of each layer's style delta; the style LoRA lacks one of the content's layers and
+    adapts one the content does not."""
+    tiny = cm.build(family)
+    content, style, content_file, _ = pair(tiny, tmp_path, cut=cut, same_layers=False)
+    extra = files.random_layers(tiny.model, files.targets(tiny.model, r"(ffn\.0|ff\.net\.2|img_mlp\.0)\.weight$")[:1],
+                                rank=3, seed=6, scale=0.07)
+    style = style + extra
+    style_file = write_comfy(tiny, tmp_path / "style-more.safetensors", style)
+    rows = fused_rows(tiny)
+    merged = loaded_weights(kc.apply(tiny.patcher, content_file, style_file, method="merge"))
+    for mu, strengths in ((0.5, (1.0, 1.0)), (math.inf, (1.0, 1.0)), (2.0, (0.7, 1.3))):
+        reference = files.np_merged(split(content, rows), split(style, rows), mu, *strengths)
+        reference_file = write_comfy(tiny, tmp_path / f"np-{mu}.safetensors", reference)
+        expected = loaded_weights(loader(tiny.patcher, reference_file))
+        ours = loaded_weights(kc.apply(tiny.patcher, content_file, style_file, method="np", np_mu=mu,
+                                       content_strength=strengths[0], style_strength=strengths[1]))
+        for key, value in ours.items():
+            difference = float((value - expected[key]).abs().max())
+            assert torch.allclose(value, expected[key], rtol=1e-5, atol=1e-6), (mu, key, difference)
+        if strengths == (1.0, 1.0):
+            projected = [k for k in ours if not torch.allclose(ours[k], merged[k], rtol=1e-5, atol=1e-6)]
+            assert projected, "NP-LoRA changed nothing against the merge: the test proves nothing"
+            only = {l.key for l in content[:1]} | {l.key for l in extra}  # one LoRA there: as under merge
+            assert all(torch.equal(ours[k], merged[k]) for k in only if k not in {l.key for l in content[1:]})
+
+
+def est_stats(tiny, content, style):
+    """{log key: (content energy, style energy)} and gamma, recomputed from the layers."""
+    rows = fused_rows(tiny)
+    content, style = split(content, rows), split(style, rows)
+    by_place = {(l.key, l.rows): l for l in style}
+    energies = {c.log_key(c.key in rows): (files.energy(c), files.energy(by_place[(c.key, c.rows)]))
+                for c in content if (c.key, c.rows) in by_place}
+    stats = files.pair_stats(content, style, lambda l: l.key in rows)
+    return energies, files.expected_gamma([s["ratio"] for s in stats.values()])
+
+
+@pytest.mark.parametrize("family", ["wan21", "flux"])
+def test_est_logs_the_energies_and_chooses_by_them(family, tmp_path):
+    tiny = cm.build(family)
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    energies, gamma = est_stats(tiny, content, style)
+    # beta where the ratios E_c / (gamma E_s) are, so that layers switch during the run
+    ratios = sorted(ec / (gamma * es) for ec, es in energies.values())
+    beta = max(0.0, ratios[len(ratios) // 2] - 0.75 * 1.5)
+    log_path = tmp_path / "log.json"
+    model = kc.apply(tiny.patcher, content_file, style_file, method="est", pattern="s", beta=beta, log_path=log_path)
+    ours = cm.sample(tiny, model, steps=4)
+    log = json.loads(log_path.read_text())
+    assert log["method"] == "est" and log["beta"] == beta and math.isclose(log["gamma"], gamma, rel_tol=1e-5)
+    assert set(log["layers"]) == set(energies)
+    for key, (content_energy, style_energy) in energies.items():
+        assert math.isclose(log["layers"][key]["content_energy"], content_energy, rel_tol=1e-5), key
+        assert math.isclose(log["layers"][key]["style_energy"], style_energy, rel_tol=1e-5), key
+    (generation,) = log["generations"]
+    switched = set()
+    for entry in generation["steps"]:
+        scale = files.expected_scale(entry["step"] / 4, "s", 1.5, beta)
+        assert entry["scale"] == pytest.approx(scale)
+        expected = {key: files.expected_est_choice(*e, gamma, scale) for key, e in energies.items()}
+        assert entry["choices"] == expected, entry["step"]
+        switched |= {key for key, choice in expected.items() if choice == "style"}
+    assert switched and switched != set(energies), "the test pair should make some layers switch and not others"
+    expected = stepwise_reference(tiny, tmp_path, content, style, schedule_of(log_path), 4)
+    assert relative_error(ours, expected) < 2e-6, relative_error(ours, expected)
+
+
+def record_weights(patcher):
+    """A clone whose model calls record (sigma, every denoiser weight then); K-LoRA's wrapper runs first."""
+    calls = []
+
+    def wrapper(executor, *args, **kwargs):
+        options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {})
+        calls.append((float(options["sigmas"].flatten()[0]), cm.weights(patcher)))
+        return executor(*args, **kwargs)
+
+    clone = patcher.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test-record", wrapper)
+    return clone, calls
+
+
+def test_switch_alternates_whole_loras_every_n_steps(tmp_path):
+    """LoRA Switch: content for steps 0-1, style for 2-3, content for 4-5 (switch_every 2); at a style step the
+    weights are what ComfyUI's loader gives the style LoRA alone, so a layer only the content adapts is off."""
+    tiny = cm.build("wan21")
+    content, style, content_file, _ = pair(tiny, tmp_path, same_layers=False)  # content's first layer: content only
+    style = style + files.random_layers(tiny.model, files.targets(tiny.model, r"ffn\.0\.weight$")[:1], seed=6)
+    style_file = write_comfy(tiny, tmp_path / "style-more.safetensors", style)  # ... and one layer style only
+    log_path = tmp_path / "log.json"
+    model = kc.apply(tiny.patcher, content_file, style_file, method="switch", switch_every=2, log_path=log_path)
+    recorded, calls = record_weights(model)
+    cm.sample(tiny, recorded, steps=6)
+    log = json.loads(log_path.read_text())
+    assert log["method"] == "switch" and log["switch_every"] == 2
+    (generation,) = log["generations"]
+    assert [s["step"] for s in generation["steps"]] == list(range(6))
+    roles = ["content", "content", "style", "style", "content", "content"]
+    for entry, role in zip(generation["steps"], roles):
+        assert entry["scale"] is None and set(entry["choices"].values()) == {role}, entry
+        assert set(entry["choices"]) == {l.module for l in content[1:]}  # the rows: layers both adapt
+
+    sigmas = comfy.samplers.calculate_sigmas(tiny.model.model_sampling, "simple", 6)
+    by_step = {max(j for j in range(6) if float(sigmas[j]) >= sigma * (1 - 1e-5)): weights for sigma, weights in calls}
+    comfy.model_management.unload_all_models()
+    w0 = cm.weights(tiny.patcher)
+    alone = {role: loaded_weights(loader(tiny.patcher, path)) for role, path in (("content", content_file),
+                                                                                   ("style", style_file))}
+    content_only, style_only = content[0].key, style[-1].key
+    for step, weights in by_step.items():
+        role = roles[step]
+        for key, value in weights.items():
+            assert torch.allclose(value, alone[role][key], rtol=1e-6, atol=1e-7), (step, key)
+        on, off = (content_only, style_only) if role == "content" else (style_only, content_only)
+        assert torch.equal(weights[off], w0[off]), (step, off, "the other LoRA must be off on every layer")
+        assert not torch.equal(weights[on], w0[on]), (step, on)
+
+
+@pytest.mark.parametrize("method,progress", [("switch", "steps"), ("est", "percent"), ("klora", "steps")])
+def test_wan22_experts_number_their_steps_as_the_run_does(method, progress, tmp_path):
+    """Two KSamplerAdvanced (steps 0-2 and 2-4 of 4): the low-noise expert's log and selection map number its
+    steps 2 and 3, and LoRA Switch continues its blocks there (switch_every 2: the low expert is all style)."""
+    from klora.selection_map import layout
+
+    experts = wan22(tmp_path, progress, method=method, switch_every=2, pattern="s")
+    run_wan22(experts)
+    for first, (tiny, model, content, style, log_path, _) in zip((0, 2), experts):
+        log = json.loads(log_path.read_text())
+        (generation,) = log["generations"]
+        assert generation["num_inference_steps"] == 4
+        assert [s["step"] for s in generation["steps"]] == [first, first + 1]
+        assert [n for n, _, _ in layout(kc.attached(model).render_log()).columns] == [first, first + 1]
+        if method == "switch":
+            for entry in generation["steps"]:
+                assert set(entry["choices"].values()) == {"content" if first == 0 else "style"}
+        if method == "est":
+            energies, gamma = est_stats(tiny, content, style)
+            for entry in generation["steps"]:
+                scale = files.expected_scale(entry["progress"], "s", 1.5, 0.5)
+                assert entry["choices"] == {k: files.expected_est_choice(*e, gamma, scale) for k, e in energies.items()}
+
+
+# --- what a new user runs into ----------------------------------------------------------------
+
+def test_a_pt_lora_loads_as_comfyuis_loader_loads_it(comfy_folders, tmp_path):
+    from safetensors.torch import load_file
+
+    from klora.comfyui_nodes import KLoRALoader
+
+    loras, _ = comfy_folders
+    tiny = cm.build("wan21")
+    _, _, content_file, style_file = pair(tiny, tmp_path)
+    torch.save(load_file(str(content_file)), loras / "content.pt")
+    style_file.rename(loras / "style.safetensors")
+    assert "content.pt" in KLoRALoader.INPUT_TYPES()["required"]["content_lora"][0]
+    (model,) = KLoRALoader().load(tiny.patcher, "content.pt", "style.safetensors", "s*", 1.5, -1.0, "content",
+                                  "steps", "")
+    reference = loader(tiny.patcher, loras / "content.pt")  # ComfyUI's LoraLoaderModelOnly reads .pt files too
+    assert close(cm.sample(tiny, model, steps=3), cm.sample(tiny, reference, steps=3))
+    (loras / "broken.pt").write_bytes(b"not a pickle")
+    with pytest.raises(LoRAError, match=r"content LoRA 'broken.pt': not a readable LoRA file"):
+        KLoRALoader().load(tiny.patcher, "broken.pt", "style.safetensors", "s*", 1.5, -1.0, "klora", "steps", "")
+
+
+def test_a_text_encoder_lora_is_refused_as_such(tmp_path):
+    tiny = cm.build("wan21")
+    text_encoder = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8),
+                    "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2),
+                    "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(2.0)}
+    message = refused(tiny, tmp_path, text_encoder, "its layers are all for the text encoder")
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in message and "low-rank" not in message
+
+
+def klora_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == kc.logger.name]
+
+
+def test_every_warning_starts_with_k_lora_and_says_what_is_true(tmp_path, caplog):
+    tiny = cm.build("wan21")
+    content, style, content_file, style_file = pair(tiny, tmp_path)
+    for layer in style:
+        layer.B.zero_()
+    zero_file = write_comfy(tiny, tmp_path / "zero.safetensors", style)
+    with caplog.at_level("WARNING"):
+        kc.apply(tiny.patcher, content_file, zero_file)
+    lines = klora_warnings(caplog)
+    assert lines and all(line.startswith("K-LoRA: ") for line in lines), lines
+    assert any(f"{len(content)} layers both LoRAs adapt are all zero in the style LoRA" in line for line in lines)
+    assert not any("no layer in common" in line for line in lines), "they share every layer"
+
+    caplog.clear()
+    other = files.random_layers(tiny.model, files.targets(tiny.model, r"ffn\.0\.weight$"), alpha=2.0, seed=6)
+    with caplog.at_level("WARNING"):
+        kc.apply(tiny.patcher, content_file, write_comfy(tiny, tmp_path / "ffn.safetensors", other), method="est")
+    assert klora_warnings(caplog) == ["K-LoRA: the content and style LoRAs adapt no layer in common: there is "
+                                      "nothing to choose or project, each LoRA is applied on its own layers"]
+
+    caplog.clear()
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(content_file))
+    tensors.update({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                    "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)})
+    save_file(tensors, str(tmp_path / "with-te.safetensors"))
+    with caplog.at_level("WARNING"):
+        kc.apply(tiny.patcher, tmp_path / "with-te.safetensors", style_file)
+    lines = klora_warnings(caplog)
+    assert lines and all(line.startswith("K-LoRA: ") for line in lines), lines
+
+
+def test_the_same_file_as_content_and_style_is_warned_about_once(tmp_path, caplog):
+    tiny = cm.build("wan21")
+    _, _, content_file, style_file = pair(tiny, tmp_path)
+    with caplog.at_level("WARNING"):
+        kc.apply(tiny.patcher, content_file, content_file)
+    same = [line for line in klora_warnings(caplog) if "same file" in line]
+    assert len(same) == 1 and same[0].startswith("K-LoRA: the content and style LoRAs are the same file ("), same
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        kc.apply(tiny.patcher, content_file, style_file)
+    assert not any("same file" in line for line in klora_warnings(caplog))
+
+
+def test_the_methods_knobs_are_checked(tmp_path):
+    from klora.comfyui_nodes import KLoRALoader
+
+    tiny = cm.build("wan21")
+    _, _, content_file, style_file = pair(tiny, tmp_path)
+    for kwargs, match in (({"beta": -0.5}, "beta must be a finite number >= 0"),
+                          ({"np_mu": -0.5, "method": "np"}, "np_mu must be a number >= 0 or inf"),
+                          ({"switch_every": 0, "method": "switch"}, "switch_every must be a whole number of steps")):
+        with pytest.raises(KLoRAError, match=match):
+            kc.apply(tiny.patcher, content_file, style_file, **kwargs)
+    with pytest.raises(KLoRAError, match=r"np_mu must be -1 \(infinity: the hard projection\) or a number >= 0"):
+        KLoRALoader().load(tiny.patcher, "content.safetensors", "style.safetensors", "s", 1.5, -1.0, "np", "steps", "",
+                           np_mu=-0.5)

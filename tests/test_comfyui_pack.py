@@ -20,6 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("diffusers", "peft", "transformers", "gradio", "accelerate", "huggingface_hub")
 PACK = "custom_nodes_klora_pack"  # the module name a loader gives the pack (ComfyUI uses the folder path)
+# What loading the pack imports of ours: the node classes and the lists, defaults and checks of the methods
+# (klora.methods, which reads two constants from the method modules; torch and math only).
+NODE_MODULES = {"", ".comfyui_nodes", ".errors", ".rule", ".methods", ".np_lora", ".lora_switch"}
+# What running the node adds: the adapter and what it reads files with.
+ADAPTER_MODULES = {".comfyui", ".loras", ".checks", ".formats", ".est_lora"}
 
 
 def _run(code: str, env=None) -> dict:
@@ -47,8 +52,7 @@ def test_loading_the_pack_imports_only_the_node_classes():
     assert result["nodes"] == ["KLoRALoader", "KLoRASelectionMap"]
     assert result["names"]["KLoRALoader"] == "K-LoRA (content + style)"
     ours = sorted(m for m in result["new"] if m.startswith(PACK))
-    assert ours == [PACK, f"{PACK}.klora", f"{PACK}.klora.comfyui_nodes", f"{PACK}.klora.errors",
-                    f"{PACK}.klora.rule"]
+    assert ours == [PACK] + [f"{PACK}.klora{m}" for m in sorted(NODE_MODULES)]
     assert "klora" not in result["new"], "the pack must import its own modules relatively, not a top-level klora"
     heavy = [m for m in result["new"] if m.split(".")[0] in HEAVY]
     assert not heavy, heavy
@@ -88,9 +92,9 @@ print(json.dumps({{"ok": ok, "load": sorted(after_load - before), "run": sorted(
     result = _run(code, env={"OMP_NUM_THREADS": "1"})
     assert result["ok"] and result["registered"] and result["display"] == "K-LoRA (content + style)"
     pack = result["pack"]
-    for stage, allowed in (("load", {"", ".klora", ".klora.comfyui_nodes", ".klora.errors", ".klora.rule"}),
-                           ("run", {".klora.comfyui", ".klora.loras", ".klora.checks", ".klora.formats"})):
+    for stage, modules in (("load", {""} | {f".klora{m}" for m in NODE_MODULES}),
+                           ("run", {f".klora{m}" for m in ADAPTER_MODULES})):
         ours = {m[len(pack):] for m in result[stage] if m.startswith(pack)}
-        assert ours == allowed, (stage, ours)
+        assert ours == modules, (stage, ours)
         heavy = [m for m in result[stage] if m.split(".")[0] in HEAVY]
         assert not heavy, (stage, heavy)

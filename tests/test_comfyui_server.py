@@ -222,7 +222,9 @@ def test_wan22_experts_with_percent_progress_continue_across_two_ksampler_advanc
 
     high, low = selection_log(server, "e2e/high"), selection_log(server, "e2e/low")
     high_steps, low_steps = high["generations"][-1]["steps"], low["generations"][-1]["steps"]
-    assert [s["step"] for s in high_steps] == [0, 1] and [s["step"] for s in low_steps] == [0, 1]
+    # Numbered as the run does: the low expert's KSamplerAdvanced starts at step `switch` of `steps`.
+    assert [s["step"] for s in high_steps] == [0, 1] and [s["step"] for s in low_steps] == [switch, switch + 1]
+    assert high["generations"][-1]["num_inference_steps"] == low["generations"][-1]["num_inference_steps"] == steps
     assert high["progress"] == low["progress"] == "percent"
 
     # Where the high expert stopped, on ComfyUI's sampling-percent scale: the sigma at step `switch` of the
