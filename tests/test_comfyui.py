@@ -1148,11 +1148,16 @@ def test_the_same_file_as_content_and_style_is_warned_about_once(tmp_path, caplo
     assert not any("same file" in line for line in klora_warnings(caplog))
 
 
-def test_the_methods_knobs_are_checked(tmp_path):
+def test_the_methods_knobs_are_checked(comfy_folders, tmp_path):
     from klora.comfyui_nodes import KLoRALoader
 
+    loras, output = comfy_folders
     tiny = cm.build("wan21")
-    _, _, content_file, style_file = pair(tiny, tmp_path)
+    _, _, content_file, style_file = pair(tiny, loras)
+    for np_mu, expected in ((-1.0, math.inf), (0.0, 0.0), (0.5, 0.5)):  # -1: the node's infinity
+        KLoRALoader().load(tiny.patcher, "content.safetensors", "style.safetensors", "s", 1.5, -1.0, "np", "steps",
+                           f"np{np_mu}", np_mu=np_mu)
+        assert json.loads((output / f"np{np_mu}_00001_.json").read_text())["np_mu"] == expected
     for kwargs, match in (({"beta": -0.5}, "beta must be a finite number >= 0"),
                           ({"np_mu": -0.5, "method": "np"}, "np_mu must be a number >= 0 or inf"),
                           ({"switch_every": 0, "method": "switch"}, "switch_every must be a whole number of steps")):
