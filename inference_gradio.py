@@ -6,6 +6,7 @@
 
     python inference_gradio.py --demo                       # the world trained in this repository, no download
     python inference_gradio.py --demo --demo_family wan22   # tiny Wan 2.2 (two experts): the page shows clips
+    python inference_gradio.py --demo --dino_model facebook/dino-vits16   # also EST-LoRA's beta from DINO
 
 Any diffusers pipeline that loads LoRAs works, image or video: the family comes
 from the model's model_index.json, and the page shows the fields that pipeline
@@ -41,6 +42,9 @@ def build_parser():
     cli.add_lora_arguments(parser, second_expert=True)
     group = parser.add_argument_group("K-LoRA")
     cli.add_engine_arguments(group)
+    group.add_argument("--dino_model", default=None, metavar="NAME_OR_FOLDER",
+                       help="a DINO ViT, hub id or folder (EST-LoRA's is facebook/dino-vits16): the page then offers "
+                            "EST-LoRA's beta from DINO, for image models (default: none, the option is off)")
     group = parser.add_argument_group("video (video models only)")
     group.add_argument("--num_frames", type=int, default=None, help="initial number of frames (default: the model's)")
     group.add_argument("--fps", type=int, default=None, help="initial frame rate of the MP4 (default: the model's)")
@@ -91,15 +95,23 @@ def main(argv=None) -> None:
                 raise cli.KLoRAError(f"--{flag} is required (or run --demo to try the tiny built-in model)")
 
     from klora.app import Defaults, Limits, Studio, build_app, gamma_text, interrupt_on_sigterm, serve
-    from klora.pipelines import load_pipeline
+    from klora.pipelines import family_of, load_pipeline
 
     # Stopped by SIGTERM, even while it loads, its temporary folders go as with Ctrl+C.
     with interrupt_on_sigterm(), tempfile.TemporaryDirectory(prefix="klora-gradio-") as scratch:
+        embedder = None
+        if args.dino_model:
+            from klora.dino import Embedder
+
+            embedder = Embedder(args.dino_model)  # before the base model: a bad name fails in seconds
         if args.demo:
             pipe, initial, call_kwargs = _prepare_demo(args, scratch)
         else:
             pipe = load_pipeline(args.pretrained_model_name_or_path, None, args.device, args.dtype)
             initial, call_kwargs = {}, {}
+        if embedder is not None and family_of(pipe).output == "video":
+            raise cli.KLoRAError(f"--dino_model: beta from DINO compares two pictures (EST-LoRA, for image models); "
+                                 f"{family_of(pipe).name} makes videos (drop --dino_model)")
         limits = Limits(max_steps=args.max_steps, max_side=args.max_side, max_frames=args.max_frames)
         initial.update(_video_flags(args, pipe, limits))
         defaults = Defaults.for_pipeline(pipe, limits, **initial)
@@ -110,7 +122,7 @@ def main(argv=None) -> None:
                         extra_loras=args.extra_loras[""], extra_loras_2=args.extra_loras["_2"] or None,
                         content_scale=args.content_scale, style_scale=args.style_scale,
                         text_encoder_lora=args.text_encoder_lora, switching=args.switching, progress=args.progress,
-                        call_kwargs=call_kwargs, limits=limits, defaults=defaults,
+                        call_kwargs=call_kwargs, limits=limits, defaults=defaults, embedder=embedder,
                         model_label=("the world (world/sdxl)" if args.demo_family == "world"
                                      else f"tiny demo {args.demo_family}") if args.demo
                         else args.pretrained_model_name_or_path)
@@ -118,7 +130,8 @@ def main(argv=None) -> None:
             print(f"warning: {message}", file=sys.stderr)
         print(f"K-LoRA on {studio.family.name} ({type(pipe).__name__}): {len(studio.klora.paths)} layers chosen per "
               f"step, {len(studio.klora.only)} with one LoRA only, gamma {gamma_text(studio.klora.gamma)}, "
-              f"{studio.klora.switching} switching")
+              f"{studio.klora.switching} switching" + (f"; EST-LoRA's beta from DINO offered ({embedder.name})"
+                                                         if embedder is not None else ""))
         if args.share or args.server_name not in LOOPBACK:
             print("warning: the page is reachable from other machines; anyone who reaches it can run "
                   "generations" + ("" if args.uploads_only else " and load LoRA files by path from this "

@@ -12,9 +12,12 @@ arguments the pipeline's ``__call__`` takes (a negative prompt where it has one,
 true CFG where it has ``true_cfg_scale``, frames and frame rate for video
 families), and their initial values are the pipeline's own defaults.
 
-Changing pattern, alpha, beta or method calls ``KLoRA.set_schedule`` /
-``set_method`` on the attached LoRAs: nothing is reloaded. The LoRAs, extra
-(always-on) LoRAs and strengths are each page session's own ``Setup``: choosing
+Changing pattern, alpha, beta, method or LoRA Switch's block calls
+``KLoRA.set_schedule`` / ``set_method`` / ``set_switch_every`` on the attached LoRAs:
+nothing is reloaded. NP-LoRA's mu is fixed once attached (its correction adapter is
+built from it), so a request for NP-LoRA with another mu re-attaches first. EST-LoRA's
+beta can come from DINO (``klora.dino``) when the page has an ``Embedder``. The LoRAs,
+extra (always-on) LoRAs and strengths are each page session's own ``Setup``: choosing
 them reads and checks the new files, then attaches them; a rejected file leaves
 the previous ones in place. One model serves every session, so a request whose
 setup is not the attached one re-attaches first (docs/gradio.md says what that costs).
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from . import loras, rule, selection_map, video
+from . import dino, loras, methods, rule, selection_map, video
 from .cli import method_tag
 from .errors import KLoRAError, LoRAError
 from .fusion import MAX_STRENGTH, METHODS, PROGRESS, SWITCHING, KLoRA, _strength
@@ -47,10 +50,14 @@ from .pipelines import Family, family_of
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30.0
 MAX_ALPHA = 10.0
-MAX_ABS_BETA = 10.0
+MAX_BETA = 10.0  # beta is >= 0 (klora.methods.check_beta)
 MAX_FPS = 120
-METHOD_NOTES = {"klora": "K-LoRA", "merge": "direct merge (both LoRAs in every layer)",
-                "content": "content LoRA only", "style": "style LoRA only"}
+# The method radio's labels; its info line is klora.methods.SUMMARY of the chosen one.
+METHOD_LABELS = {"klora": "K-LoRA", "est": "EST-LoRA", "switch": "LoRA Switch", "np": "NP-LoRA",
+                 "merge": "merge (both LoRAs)", "content": "content LoRA only", "style": "style LoRA only"}
+# How a run of merge, content or style is described under its picture (the others: ``describe_method``).
+METHOD_NOTES = {"merge": "direct merge (both LoRAs in every layer)", "content": "content LoRA only",
+                "style": "style LoRA only"}
 
 # Image (and frame) sides are multiples of the VAE's downscale times the denoiser's
 # patch: 8 for the SD UNets, 16 for most DiTs (8x VAE, 2x2 patches), 32 where the VAE
@@ -140,14 +147,14 @@ class Result:
     image: object | None  # PIL image for image families (partly denoised when stopped), else None
     video: str | None  # MP4 path for video families, else None
     frames: object | None  # the clip's frames as the pipeline returned them (numpy, F x H x W x 3 in [0, 1])
-    selection_map: object | None  # PIL image for method "klora", else None
-    selection_log: str | None  # JSON path of ``KLoRA.selection_log()`` for method "klora", else None
+    selection_map: object | None  # PIL image for the per-step methods (klora, est, switch), else None
+    selection_log: str | None  # JSON path of ``KLoRA.selection_log()`` for the per-step methods, else None
     seed: int
     seconds: float
     steps_done: int
     stopped: bool
     summary: str = ""
-    attach_seconds: float = 0.0  # spent re-attaching this request's LoRAs first (another session had others)
+    attach_seconds: float = 0.0  # spent re-attaching first (another session's LoRAs, or another NP-LoRA mu)
 
 
 @dataclass
@@ -231,7 +238,10 @@ class Studio:
 
     These LoRAs are ``setup``, what every session starts with. ``switch_loras`` and
     ``set_stack`` return a new ``Setup`` for one session; ``generate(setup=...)``
-    re-attaches K-LoRA first when that setup is not the attached one.
+    re-attaches K-LoRA first when that setup is not the attached one, or when NP-LoRA
+    is asked with another mu than the attached one's. ``embedder``: a
+    ``klora.dino.Embedder`` for EST-LoRA's beta from DINO (``generate(beta_auto=True)``);
+    without one the page offers no such option.
     """
 
     KEPT_OUTPUTS = 8  # generations whose MP4 and JSON files stay on disk (gradio copies them to its cache)
@@ -241,7 +251,7 @@ class Studio:
                  extra_loras_2=None, content_scale=1.0, style_scale=1.0,
                  text_encoder_lora=False, switching="fused", progress="steps",
                  call_kwargs: dict | None = None, limits: Limits | None = None, defaults: Defaults | None = None,
-                 model_label: str = ""):
+                 model_label: str = "", embedder: "dino.Embedder | None" = None):
         for name, value, allowed in (("switching", switching, SWITCHING), ("progress", progress, PROGRESS)):
             if value not in allowed:
                 raise KLoRAError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -258,6 +268,8 @@ class Studio:
         self.text_encoder_lora = text_encoder_lora
         self.switching, self.progress = switching, progress
         self.call_kwargs = dict(call_kwargs or {})
+        self.embedder = embedder
+        self.embedder_label = _public_name(embedder.name) if embedder is not None else None
         self._lock = threading.Lock()  # one generation or attach at a time, whatever the caller
         files = {"content": _lora_file(content, content_weight_name, "content LoRA"),
                  "style": _lora_file(style, style_weight_name, "style LoRA")}
@@ -275,8 +287,9 @@ class Studio:
         self._generation = 0
         self.klora: KLoRA | None = None
         self._attached: Setup | None = None
+        self.np_mu = methods.DEFAULT_NP_MU  # NP-LoRA's mu of the attached K-LoRA
         self.attach_seconds = 0.0  # what the last attach took: the wait a re-attach adds to a request
-        self.setup = replace(setup, warnings=tuple(self._attach(setup)))
+        self.setup = replace(setup, warnings=tuple(self._attach(setup, methods.DEFAULT_NP_MU)))
         self.denoisers = dict(self.klora.denoisers)
 
     @property
@@ -306,33 +319,37 @@ class Studio:
             out.append((_lora_file(source, None, f"extra LoRA {i}{where}"), scale))
         return tuple(out)
 
-    def _attach(self, setup: Setup) -> list[str]:
-        """Attach K-LoRA with ``setup`` (nothing may be attached); returns what it warned about."""
+    def _attach(self, setup: Setup, np_mu: float) -> list[str]:
+        """Attach K-LoRA with ``setup`` and NP-LoRA's ``np_mu`` (nothing may be attached); returns what it
+        warned about."""
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # One logged generation is all the page shows; keep no history.
             self.klora = KLoRA(self.pipe, text_encoder_lora=self.text_encoder_lora, switching=self.switching,
-                               progress=self.progress, max_logged_generations=1, **setup.klora_arguments())
-        self._attached = setup
+                               progress=self.progress, max_logged_generations=1, np_mu=np_mu,
+                               **setup.klora_arguments())
+        self._attached, self.np_mu = setup, self.klora.np_mu
         self.attach_seconds = time.perf_counter() - start
         return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
-    def _use(self, setup: Setup) -> tuple[float, list[str]]:
-        """Make ``setup`` the attached one (the caller holds the lock): (seconds it took, warnings).
+    def _use(self, setup: Setup, np_mu: float | None = None) -> tuple[float, list[str]]:
+        """Make ``setup`` the attached one, with NP-LoRA's ``np_mu`` (None: the attached one's), the caller
+        holding the lock: (seconds it took, warnings).
 
-        Nothing happens when it is attached already. If attaching fails, the previous setup
-        comes back and the error is raised.
+        Nothing happens when both are attached already. If attaching fails, the previous setup and mu
+        come back and the error is raised.
         """
-        if setup.key == self._attached.key:
+        np_mu = self.np_mu if np_mu is None else np_mu
+        if setup.key == self._attached.key and np_mu == self.np_mu:
             return 0.0, []
         start = time.perf_counter()
-        previous = self._attached
+        previous, previous_mu = self._attached, self.np_mu
         self.klora.detach()
         try:
-            warned = self._attach(setup)
+            warned = self._attach(setup, np_mu)
         except BaseException:
-            self._attach(previous)
+            self._attach(previous, previous_mu)
             raise
         return time.perf_counter() - start, warned
 
@@ -406,8 +423,10 @@ class Studio:
 
     def check(self, *, prompt, negative_prompt="", method="klora", pattern="s*", alpha=rule.DEFAULT_ALPHA,
               beta=None, steps, guidance=None, true_cfg=None, seed=0, height, width, num_frames=None,
-              fps=None) -> None:
-        """Refuse out-of-range requests with a one-line ``KLoRAError`` before anything runs."""
+              fps=None, np_mu=methods.DEFAULT_NP_MU, switch_every=methods.DEFAULT_SWITCH_EVERY,
+              beta_auto=False) -> None:
+        """Refuse out-of-range requests with a one-line ``KLoRAError`` before anything runs. Every knob is
+        checked, also those the method does not use (the page keeps their values when the method changes)."""
         lim = self.limits
         if not isinstance(prompt, str) or not prompt.strip():
             raise KLoRAError("type a prompt (with both LoRAs' trigger words)")
@@ -420,8 +439,21 @@ class Studio:
             raise KLoRAError(f"pattern must be 's' or 's*', got {pattern!r}")
         if not _number(alpha) or not 0 < alpha <= MAX_ALPHA:
             raise KLoRAError(f"alpha must be in (0, {MAX_ALPHA:g}], got {alpha}")
-        if beta is not None and (not _number(beta) or abs(beta) > MAX_ABS_BETA):
-            raise KLoRAError(f"beta must be in [-{MAX_ABS_BETA:g}, {MAX_ABS_BETA:g}], got {beta}")
+        if beta is not None and (not _number(beta) or not 0 <= beta <= MAX_BETA):
+            raise KLoRAError(f"beta must be in [0, {MAX_BETA:g}], got {beta}")
+        if not (_number(np_mu) or np_mu == math.inf) or np_mu < 0:
+            raise KLoRAError(f"NP-LoRA's mu must be a number >= 0, or inf (the hard projection), got {np_mu}")
+        if not _whole(switch_every) or not 1 <= switch_every <= lim.max_steps:
+            raise KLoRAError(f"LoRA Switch's block must be a whole number of steps from 1 to {lim.max_steps}, "
+                             f"got {switch_every}")
+        if not isinstance(beta_auto, bool):
+            raise KLoRAError(f"beta from DINO must be true or false, got {beta_auto!r}")
+        if beta_auto and method == "est":
+            if self.embedder is None:
+                raise KLoRAError("beta from DINO needs a DINO model: start the page with --dino_model NAME_OR_FOLDER")
+            if self.video:
+                raise KLoRAError("beta from DINO compares two pictures (EST-LoRA, for image models); give video "
+                                 "models a beta")
         if not _whole(steps) or not 1 <= steps <= lim.max_steps:
             raise KLoRAError(f"steps must be a whole number from 1 to {lim.max_steps}, got {steps}")
         for name, value in (("guidance", guidance), ("true CFG scale", true_cfg)):
@@ -442,15 +474,20 @@ class Studio:
 
     def generate(self, prompt, negative_prompt="", *, method="klora", pattern="s*", alpha=rule.DEFAULT_ALPHA,
                  beta=None, steps=None, guidance=None, true_cfg=None, seed=0, height=None, width=None,
-                 num_frames=None, fps=None, should_stop=None, on_step=None, setup: Setup | None = None,
+                 num_frames=None, fps=None, np_mu=methods.DEFAULT_NP_MU, switch_every=methods.DEFAULT_SWITCH_EVERY,
+                 beta_auto=False, should_stop=None, on_step=None, on_phase=None, setup: Setup | None = None,
                  on_reattach=None) -> Result:
         """One image (or clip) with ``setup``'s LoRAs (default: the server's); ``seed=None`` draws a random seed.
 
-        Fields left at None take ``self.defaults``. ``should_stop()`` is asked after
-        every step; True ends the denoising loop (diffusers' ``_interrupt``).
-        ``on_step(done, total)`` reports progress. When ``setup`` is not the attached
-        one, K-LoRA is re-attached with it first, after ``on_reattach(seconds the last
-        attach took)`` is told so.
+        Fields left at None take ``self.defaults``. Each knob is used by its method only:
+        ``pattern`` / ``alpha`` / ``beta`` by klora and est, ``np_mu`` by np (another mu than
+        the attached one's re-attaches first), ``switch_every`` by switch, ``beta_auto`` by est
+        (with ``self.embedder``: ``klora.dino.auto_beta`` renders a content-only and a
+        style-only picture of the same prompt, seed and settings first, and its beta replaces
+        ``beta``). ``should_stop()`` is asked after every step; True ends the denoising loop
+        (diffusers' ``_interrupt``). ``on_step(done, total)`` reports progress, ``on_phase(text)``
+        what the steps that follow are for. When K-LoRA must be re-attached first,
+        ``on_reattach(seconds the last attach took, why)`` is told so.
         """
         d = self.defaults
         steps = d.steps if steps is None else steps
@@ -463,7 +500,8 @@ class Studio:
             fps = d.fps if fps is None else fps
         self.check(prompt=prompt, negative_prompt=negative_prompt, method=method, pattern=pattern, alpha=alpha,
                    beta=beta, steps=steps, guidance=guidance, true_cfg=true_cfg, seed=seed, height=height,
-                   width=width, num_frames=num_frames, fps=fps)
+                   width=width, num_frames=num_frames, fps=fps, np_mu=np_mu, switch_every=switch_every,
+                   beta_auto=beta_auto)
         steps, height, width = int(steps), int(height), int(width)
         seed = secrets.randbelow(MAX_SEED + 1) if seed is None else int(seed)
         done = [0]
@@ -496,14 +534,33 @@ class Studio:
             kwargs["callback_on_step_end"] = after_step
         kwargs.update(self.call_kwargs)
         setup = setup or self.setup
+        np_mu = float(np_mu) if method == "np" else None  # the other methods run with any mu attached
         with self._lock:
+            other_loras, other_mu = not self.attached(setup), np_mu is not None and np_mu != self.np_mu
             attach_seconds = 0.0
-            if not self.attached(setup):
+            if other_loras or other_mu:
+                notice, waited = _reattach_reason(other_loras, np_mu if other_mu else None)
                 if on_reattach is not None:
-                    on_reattach(self.attach_seconds)
-                attach_seconds, _ = self._use(setup)
-            self.klora.set_schedule(pattern, float(alpha), None if beta is None else float(beta))
-            self.klora.set_method(method)
+                    on_reattach(self.attach_seconds, notice)
+                attach_seconds, _ = self._use(setup, np_mu)
+            k = self.klora
+            k.beta_auto = None  # set again below when this request asks for it
+            k.set_switch_every(int(switch_every))
+            k.set_schedule(pattern, float(alpha), None if beta is None else float(beta))
+            k.set_method(method)
+            dino_seconds = None
+            if beta_auto and method == "est":
+                if on_phase is not None:
+                    on_phase("beta from DINO: a content-only and a style-only picture")
+                start = time.perf_counter()
+                found = dino.auto_beta(self.pipe, k, self.embedder, prompt, seed,
+                                       **{n: v for n, v in kwargs.items() if n not in ("prompt", "generator")})
+                # auto_beta sets beta alone: the visitor's pattern and alpha stay.
+                k.set_schedule(pattern, float(alpha), found)
+                k.beta_auto = {**k.beta_auto, "dino_model": self.embedder_label}  # its name, not the server's path
+                dino_seconds = time.perf_counter() - start
+                if on_phase is not None:
+                    on_phase("denoising")
             start = time.perf_counter()
             output = self.pipe(**kwargs)
             seconds = time.perf_counter() - start
@@ -517,15 +574,13 @@ class Studio:
             else:
                 image = output.images[0]
             drawn = log_path = None
-            if method == "klora" and not stopped[0]:
-                drawn = selection_map.render(self.klora.selection_log())
+            if method in methods.PER_STEP and not stopped[0]:
+                drawn = selection_map.render(k.selection_log())
                 log_path = str(folder / f"{tag}_selection_log.json")
-                self.klora.save_selection_log(log_path)
-            k = self.klora
-            schedule = f"pattern {k.pattern}, alpha {k.alpha:g}, beta {k.beta:g}, gamma {gamma_text(k.gamma)}"
-        how = f"K-LoRA ({schedule})" if method == "klora" else METHOD_NOTES[method]
+                k.save_selection_log(log_path)
+            how = describe_method(k, dino_seconds)
         size = f"{width}×{height}" + (f" · {num_frames} frames at {fps} fps" if self.video else "")
-        waited = f"; this session's LoRAs re-attached first: {attach_seconds:.2f} s" if attach_seconds else ""
+        waited = f"; {waited}: {attach_seconds:.2f} s" if other_loras or other_mu else ""
         summary = (f"{'Stopped after' if stopped[0] else 'Generated in'} {seconds:.2f} s "
                    f"({done[0]} of {steps} steps{waited}) · seed {seed} · {size} · {how} · {setup.short()}")
         return Result(image=image, video=clip, frames=frames, selection_map=drawn, selection_log=log_path,
@@ -551,6 +606,39 @@ def gamma_text(gamma) -> str:
     if isinstance(gamma, dict):
         return ", ".join(f"{component} {value:.4g}" for component, value in gamma.items())
     return f"{gamma:.4g}"
+
+
+def describe_method(klora: KLoRA, dino_seconds: float | None = None) -> str:
+    """How the picture was made, for the line under it: the method of ``klora`` and the knobs it used
+    (``dino_seconds``: what DINO's two pictures took, when beta came from them)."""
+    k, method = klora, klora.method
+    if method in methods.CHOOSING:
+        beta = f"beta {k.beta:g}"
+        if k.beta_auto:
+            beta += (f" from DINO ({k.beta_auto['dino_model']}: 1 - cosine {k.beta_auto['cosine']:.4g} of a "
+                     f"content-only and a style-only picture, made in {dino_seconds or 0:.2f} s)")
+        schedule = f"pattern {k.pattern}, alpha {k.alpha:g}, {beta}, gamma {gamma_text(k.gamma)}"
+        return f"K-LoRA ({schedule})" if method == "klora" else f"EST-LoRA on the energies ({schedule})"
+    if method == "switch":
+        return f"LoRA Switch (content first, then style, switching every {k.switch_every} steps)"
+    if method == "np":
+        mu = {0.0: "0: the direct merge", math.inf: "inf: the hard projection"}.get(k.np_mu, f"{k.np_mu:g}")
+        return f"NP-LoRA (mu {mu})"
+    return METHOD_NOTES[method]
+
+
+def _reattach_reason(other_loras: bool, np_mu: float | None) -> tuple[str, str]:
+    """(what the visitor is told while it happens, what the line under the picture says) of a re-attach for
+    another session's LoRAs and/or NP-LoRA's ``np_mu`` (None: the mu did not change)."""
+    mu = None if np_mu is None else f"NP-LoRA's mu {np_mu:g}"
+    if not other_loras:
+        return (f"Re-attaching the LoRAs first for {mu} (NP-LoRA's correction is built from mu)",
+                f"re-attached first for {mu}")
+    if mu is None:
+        return ("Re-attaching your LoRAs first (another session used other ones)",
+                "this session's LoRAs re-attached first")
+    return (f"Re-attaching your LoRAs first, with {mu} (another session used other ones)",
+            f"this session's LoRAs re-attached first, with {mu}")
 
 
 def _lora_file(source, weight_name, role) -> loras.LoRAFile:
@@ -592,6 +680,11 @@ def read_upload(path, role: str) -> loras.LoRAFile:
         raise LoRAError(str(exc).replace(f"{role} '{path}'", label)) from None
     lora.label = label
     return lora
+
+
+def _says_inf(value) -> bool:
+    """"inf", as an API client sends NP-LoRA's hard projection (JSON has no infinity)."""
+    return isinstance(value, str) and value.strip().lower() in ("inf", "infinity")
 
 
 def _number(value) -> bool:
@@ -638,7 +731,8 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
     """The gradio Blocks page over ``studio``; queued, one generation at a time.
 
     The ``/generate`` endpoint has the same inputs and outputs for every family;
-    fields a pipeline does not take are hidden on the page and ignored. Each page
+    fields a pipeline does not take are hidden on the page and ignored, and so are
+    the knobs the chosen method does not use (checked all the same). Each page
     session keeps its own ``Setup`` (LoRAs, extra LoRAs, strengths) in a ``gr.State``;
     the page's files live in a folder of its own (``PageFiles``), removed when the
     page closes.
@@ -655,12 +749,18 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
         return gr.Error(str(exc), print_exception=False)
 
     def generate(prompt, negative_prompt, method, pattern, alpha, beta, steps, guidance, true_cfg, seed,
-                 random_seed, width, height, num_frames, fps, setup, request: gr.Request, progress=gr.Progress()):
+                 random_seed, width, height, num_frames, fps, np_mu, hard_projection, switch_every, beta_from_dino,
+                 setup, request: gr.Request, progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
+        phase = ["denoising"]
 
-        def on_reattach(seconds):
-            gr.Info(f"Re-attaching your LoRAs first (another session used other ones): about {seconds:.1f} s")
-            progress(None, desc="re-attaching your LoRAs")
+        def on_reattach(seconds, notice):
+            gr.Info(f"{notice}: about {seconds:.1f} s")
+            progress(None, desc="re-attaching the LoRAs")
+
+        def on_phase(text):
+            phase[0] = text
+            progress(None, desc=text)
 
         stops.begin(session)
         try:
@@ -669,8 +769,9 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                 alpha=alpha, beta=beta, steps=steps, guidance=guidance if shows["guidance"] else None,
                 true_cfg=true_cfg if shows["true_cfg"] else None, seed=None if random_seed else seed,
                 height=height, width=width, num_frames=num_frames if is_video else None, fps=fps if is_video else None,
-                should_stop=lambda: stops.wanted(session),
-                on_step=lambda i, n: progress((i, n), desc="denoising", unit="steps"), setup=setup,
+                np_mu=math.inf if hard_projection is True or _says_inf(np_mu) else np_mu, switch_every=switch_every,
+                beta_auto=beta_from_dino, should_stop=lambda: stops.wanted(session),
+                on_step=lambda i, n: progress((i, n), desc=phase[0], unit="steps"), on_phase=on_phase, setup=setup,
                 on_reattach=on_reattach)
         except KLoRAError as exc:
             raise visible_error(exc) from None
@@ -743,6 +844,15 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
         except (TypeError, ValueError):
             return gr.skip()
 
+    has_dino = studio.embedder is not None
+
+    def knobs(method, auto):
+        """Show the knobs of ``method`` only; with beta from DINO on, the beta box is not used."""
+        return (gr.update(info=methods.SUMMARY.get(method, "")), gr.update(visible=method in methods.CHOOSING),
+                gr.update(interactive=not (has_dino and auto and method == "est")),
+                gr.update(visible=method == "est" and not is_video), gr.update(visible=method == "np"),
+                gr.update(visible=method == "switch"))
+
     family = studio.family
     kind = f"{family.name} {family.output} model, {type(studio.pipe).__name__}"
     frame_step_ = studio.frame_step or 1
@@ -760,17 +870,30 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                 negative = gr.Textbox(d.negative_prompt, label="Negative prompt", lines=1,
                                       max_length=lim.max_prompt_chars, visible=shows["negative_prompt"],
                                       elem_id="negative-prompt")
-                method = gr.Radio(list(METHODS), value="klora", label="Method (compare K-LoRA with its baselines)",
-                                  elem_id="method")
+                method = gr.Radio([(METHOD_LABELS[m], m) for m in METHODS], value="klora",
+                                  label="Method (K-LoRA, the other fusion rules, and the baselines)",
+                                  info=methods.SUMMARY["klora"], elem_id="method")
                 # The Number fields have no minimum, maximum or precision of gradio's: it compares and
                 # rounds before our checks, and a string or NaN there fails inside gradio with no message.
                 # Studio.check bounds them with a visible one-line error instead.
-                with gr.Row():
+                with gr.Row(elem_id="schedule") as schedule:  # K-LoRA's and EST-LoRA's s(p)
                     pattern = gr.Radio(list(rule.PATTERNS), value="s*", label="Pattern", elem_id="pattern")
                     alpha = gr.Number(rule.DEFAULT_ALPHA, label=f"alpha (0 to {MAX_ALPHA:g})", step=0.05,
                                       elem_id="alpha")
-                    beta = gr.Number(round(rule.default_beta("s*"), 4),
-                                     label=f"beta (-{MAX_ABS_BETA:g} to {MAX_ABS_BETA:g})", step=0.05, elem_id="beta")
+                    beta = gr.Number(round(rule.default_beta("s*"), 4), label=f"beta (0 to {MAX_BETA:g})", step=0.05,
+                                     elem_id="beta")
+                dino_note = (f"1 - DINO cosine of a content-only and a style-only picture of this prompt, seed and "
+                             f"settings, made first ({studio.embedder_label})" if has_dino else
+                             "off on this page: start inference_gradio.py with --dino_model NAME_OR_FOLDER")
+                beta_from_dino = gr.Checkbox(False, label="beta from DINO (EST-LoRA)", info=dino_note,
+                                             interactive=has_dino, visible=False, elem_id="beta-from-dino")
+                with gr.Row(visible=False, elem_id="np-knobs") as np_knobs:
+                    np_mu = gr.Number(methods.DEFAULT_NP_MU, label="NP-LoRA's mu (>= 0; 0 is the direct merge; "
+                                      "a new mu re-attaches the LoRAs)", step=0.1, elem_id="np-mu")
+                    hard_projection = gr.Checkbox(False, label="hard projection (mu = inf)", elem_id="hard-projection")
+                with gr.Row(visible=False, elem_id="switch-knobs") as switch_knobs:
+                    switch_every = gr.Number(methods.DEFAULT_SWITCH_EVERY, step=1, elem_id="switch-every",
+                                             label=f"LoRA Switch: steps per LoRA, content first (1 to {lim.max_steps})")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(d.steps, lim.max_steps), step=1, label="Steps",
                                       elem_id="steps")
@@ -845,17 +968,23 @@ def build_app(studio: Studio, *, typed_lora_paths: bool = True, title: str = "K-
                                 visible=is_video, elem_id="video")
                 summary = gr.Markdown(elem_id="summary")
                 experts = " (one panel per expert)" if studio.klora.multi else ""
-                gr.Markdown(f"**Selection map** of the last K-LoRA {'clip' if is_video else 'image'}{experts}: one row "
-                            "per layer both LoRAs adapt, one column per step; orange = content LoRA, "
-                            "blue = style LoRA. The selection log below has every layer's statistics and every "
-                            "step's choices.")
+                gr.Markdown(f"**Selection map** of the last {'clip' if is_video else 'image'} made with a per-step "
+                            f"method (K-LoRA, EST-LoRA, LoRA Switch){experts}: one row per layer both LoRAs adapt, "
+                            "one column per step; orange = content LoRA, blue = style LoRA. The selection log below "
+                            "has every layer's statistics and every step's choices.")
                 selection = gr.Image(label="Selection map", show_label=False, type="pil", format="png",
                                      interactive=False, height=420, elem_id="selection")
                 log_file = gr.File(label="Selection log (JSON)", interactive=False, elem_id="selection-log")
 
         pattern.change(default_beta, [pattern, alpha], beta, queue=False, api_visibility="private")
+        for toggle in (method, beta_from_dino):
+            toggle.change(knobs, [method, beta_from_dino], [method, schedule, beta, beta_from_dino, np_knobs,
+                                                            switch_knobs], queue=False, api_visibility="private")
+        hard_projection.change(lambda hard: gr.update(interactive=not hard), hard_projection, np_mu, queue=False,
+                               api_visibility="private")
         event = run.click(generate, [prompt, negative, method, pattern, alpha, beta, steps, guidance, true_cfg, seed,
-                                     random_seed, width, height, num_frames, fps, session_setup],
+                                     random_seed, width, height, num_frames, fps, np_mu, hard_projection,
+                                     switch_every, beta_from_dino, session_setup],
                           [image, clip, selection, log_file, seed, summary],
                           api_name="generate", concurrency_id="model", concurrency_limit=1)
         stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")

@@ -35,7 +35,8 @@ DEMO_STEPS = 50  # klora.world_eval.STEPS: the world demo's step count
 SCREENSHOT = ROOT / "pictures" / "gradio_demo.png"
 # Every field of the page's /generate endpoint, at the world demo's values.
 FIELDS = dict(prompt=DEMO_PROMPT, negative_prompt="", method="klora", pattern="s*", alpha=1.5, beta=None, steps=4,
-              guidance=5.0, true_cfg=1.0, seed=5, random_seed=False, width=32, height=32, num_frames=1, fps=16)
+              guidance=5.0, true_cfg=1.0, seed=5, random_seed=False, width=32, height=32, num_frames=1, fps=16,
+              np_mu=0.5, hard_projection=False, switch_every=5, beta_from_dino=False)
 
 
 def free_port() -> int:
@@ -116,9 +117,10 @@ def demo_reference():
     pipe = load_pipeline(str(world_eval.MODEL), "unet", "cpu")
 
     @functools.cache
-    def run(steps, seed, pattern="s*", size=32):
+    def run(steps, seed, pattern="s*", size=32, method="klora", switch_every=5):
         """(image, selection log) of the demo's settings."""
-        klora = KLoRA(pipe, str(world_eval.SUBJECT_LORA), str(world_eval.STYLE_LORA), pattern=pattern)
+        klora = KLoRA(pipe, str(world_eval.SUBJECT_LORA), str(world_eval.STYLE_LORA), pattern=pattern, method=method,
+                      switch_every=switch_every)
         try:
             image = pipe(prompt=DEMO_PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
                          generator=torch.Generator("cpu").manual_seed(seed)).images[0]
@@ -274,6 +276,30 @@ def test_page_in_headless_chromium(demo_server, demo_reference, tmp_path):
             expect(page.locator("#summary")).to_contain_text("pattern s, alpha 1.5, beta 0.5")
             png = page.request.get(page.locator("#image img").get_attribute("src")).body()
             assert same_pixels(Image.open(io.BytesIO(png)), demo_reference(3, 5, pattern="s")[0])
+
+            # Each method shows its own knobs: NP-LoRA's mu, LoRA Switch's block, EST-LoRA's schedule (its beta
+            # from DINO is off: this demo has no --dino_model).
+            knobs = {"#schedule": "klora est", "#np-knobs": "np", "#switch-knobs": "switch", "#beta-from-dino": "est"}
+            for method in ("np", "est", "switch"):
+                page.locator(f"#method input[value='{method}']").check()
+                for knob, methods in knobs.items():
+                    if method in methods.split():
+                        expect(page.locator(knob)).to_be_visible()
+                    else:
+                        expect(page.locator(knob)).to_be_hidden()
+                if method == "est":
+                    expect(page.locator("#beta-from-dino input")).to_be_disabled()
+                    expect(page.locator("#beta-from-dino")).to_contain_text("--dino_model")
+            expect(page.locator("#method")).to_contain_text("LoRA Switch: the content LoRA for N steps")
+            page.locator("#switch-every input").fill("2")
+            page.click("#generate")
+            expect(page.locator("#summary")).to_contain_text("switching every 2 steps", timeout=60_000)
+            expect(page.locator("#selection img")).to_be_visible()  # a per-step method: its map
+            png = page.request.get(page.locator("#image img").get_attribute("src")).body()
+            want_image, want_log = demo_reference(3, 5, pattern="s", method="switch", switch_every=2)
+            assert same_pixels(Image.open(io.BytesIO(png)), want_image)
+            assert same_log(download_json(page), want_log)
+            page.locator("#method input[value='klora']").check()
 
             # Cancel a long generation: the diffusers loop stops, the next one runs at once.
             set_number(page, "steps", 100)

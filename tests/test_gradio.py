@@ -31,10 +31,15 @@ SETTINGS = [
     ("content", "s*", 1.5, None, 2, 5.0, 3, 64, 64, ""),
     ("style", "s*", 1.5, None, 2, 5.0, 3, 64, 64, ""),
     ("klora", "s*", 2.0, 1.0, 2, 3.0, 11, 48, 32, "blurry"),
+    # The other fusion rules, at the page's default knobs (NP-LoRA's mu 0.5, LoRA Switch every 5 steps).
+    ("est", "s", 1.2, 0.3, 3, 5.0, 3, 64, 64, ""),
+    ("switch", "s*", 1.5, None, 3, 5.0, 3, 64, 64, ""),
+    ("np", "s*", 1.5, None, 2, 5.0, 3, 64, 64, ""),
 ]
 # Every field of the /generate endpoint (the same for every family; fields a pipeline does not take are ignored).
 FIELDS = dict(prompt=PROMPT, negative_prompt="", method="klora", pattern="s*", alpha=1.5, beta=None, steps=3,
-              guidance=5.0, true_cfg=1.0, seed=3, random_seed=False, width=64, height=64, num_frames=1, fps=16)
+              guidance=5.0, true_cfg=1.0, seed=3, random_seed=False, width=64, height=64, num_frames=1, fps=16,
+              np_mu=0.5, hard_projection=False, switch_every=5, beta_from_dino=False)
 
 
 class Reply(NamedTuple):
@@ -123,21 +128,23 @@ def app(tiny_sdxl_dir, demo_sdxl_loras):
 
 @pytest.fixture(scope="module")
 def reference(tiny_sdxl_dir):
-    """``reference(content, style, *settings) -> (image, selection map or None, selection log or None)``
-    by the library alone."""
+    """``reference(content, style, *settings, **KLoRA options) -> (image, selection map or None, selection log or
+    None)`` by the library alone; a map and a log for the per-step methods."""
     from klora import selection_map
     from klora.fusion import KLoRA
+    from klora.methods import PER_STEP
     from klora.pipelines import load_pipeline
 
     pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
 
-    def run(content, style, method, pattern, alpha, beta, steps, guidance, seed, width, height, negative):
-        klora = KLoRA(pipe, content, style, pattern=pattern, alpha=alpha, beta=beta, method=method)
+    def run(content, style, method, pattern, alpha, beta, steps, guidance, seed, width, height, negative,
+            **options):
+        klora = KLoRA(pipe, content, style, pattern=pattern, alpha=alpha, beta=beta, method=method, **options)
         try:
             kwargs = {"negative_prompt": negative} if negative else {}
             image = pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=height,
                          width=width, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
-            if method != "klora":
+            if method not in PER_STEP:
                 return image, None, None
             log = klora.selection_log()
             return image, selection_map.render(log), log
@@ -207,12 +214,12 @@ def test_settings_switch_without_reloading_and_match_the_library(app, reference,
         reply = call_with(client, settings)
         assert np.array_equal(pixels(reply.image), pixels(want_image)), settings
         assert reply.video is None  # an image family
-        if method == "klora":
+        if method in ("klora", "est", "switch"):  # the per-step methods
             assert np.array_equal(pixels(reply.selection_map), pixels(want_map)), settings
             # The JSON offered for download is the library's own log of the same run.
             assert read_json(reply.selection_log) == named(want_log), settings
         else:
-            # No K-LoRA choices were made: no map and no log, not stale ones.
+            # No per-step choices were made: no map and no log, not stale ones.
             assert reply.selection_map is None and reply.selection_log is None
         assert reply.seed == seed
         assert reply.summary.startswith("Generated in ") and f"{steps} of {steps} steps" in reply.summary
@@ -223,6 +230,9 @@ def test_settings_switch_without_reloading_and_match_the_library(app, reference,
     assert not np.array_equal(pixels(expected[0][0]), pixels(expected[2][0]))
     assert not np.array_equal(pixels(expected[0][1]), pixels(expected[1][1]))
     assert expected[0][2]["generations"] != expected[1][2]["generations"]
+    # EST-LoRA chooses otherwise than K-LoRA at the same schedule, and NP-LoRA is not the merge.
+    assert expected[6][2]["generations"] != expected[1][2]["generations"]
+    assert not np.array_equal(pixels(expected[8][0]), pixels(expected[2][0]))
 
 
 def test_random_seed_is_reported_and_reproducible(app, reference, demo_sdxl_loras):
@@ -254,7 +264,16 @@ def test_random_seed_is_reported_and_reproducible(app, reference, demo_sdxl_lora
     ({"seed": "1e309"}, "seed must be a whole number from 0 to 4294967295, got 1e309"),
     ({"seed": 2.5}, "seed must be a whole number"),
     ({"alpha": "x"}, r"alpha must be in \(0, 10\], got x"),
-    ({"beta": "1e309"}, r"beta must be in \[-10, 10\], got 1e309"),
+    ({"beta": "1e309"}, r"beta must be in \[0, 10\], got 1e309"),
+    ({"beta": -0.5}, r"beta must be in \[0, 10\], got -0.5"),  # s(p)'s style-side weight: no negative meaning
+    ({"method": "est", "beta": -1}, r"beta must be in \[0, 10\], got -1"),
+    ({"np_mu": "nan"}, r"NP-LoRA's mu must be a number >= 0, or inf \(the hard projection\), got nan"),
+    ({"method": "np", "np_mu": -0.5}, "NP-LoRA's mu must be a number >= 0, or inf"),
+    ({"switch_every": 0}, "LoRA Switch's block must be a whole number of steps from 1 to 3000, got 0"),
+    ({"method": "switch", "switch_every": 2.5}, "LoRA Switch's block must be a whole number of steps"),
+    ({"method": "switch", "switch_every": 3001}, "LoRA Switch's block must be a whole number of steps"),
+    ({"method": "est", "beta_from_dino": True}, "beta from DINO needs a DINO model: start the page with "
+                                                "--dino_model NAME_OR_FOLDER"),
 ])
 def test_out_of_range_inputs_give_a_visible_error(app, change, message):
     from gradio_client.exceptions import AppError
@@ -292,6 +311,8 @@ def test_inputs_only_gradio_can_answer_leave_the_page_serving(app, reference, de
         "title": "Error"})
     assert raw_call(demo.local_url, "generate", with_value("steps", math.nan))[1]["error"] == (
         "steps must be a whole number from 1 to 3000, got nan")
+    assert raw_call(demo.local_url, "generate", with_value("np_mu", math.nan))[1]["error"] == (
+        "NP-LoRA's mu must be a number >= 0, or inf (the hard projection), got nan")
     for data in (with_value("steps", "nan"), with_value("width", "1e309"), list(FIELDS.values())[:3]):
         assert raw_call(demo.local_url, "generate", data)[0] == "error"
     event, outputs = raw_call(demo.local_url, "generate", list(FIELDS.values()))
@@ -301,7 +322,10 @@ def test_inputs_only_gradio_can_answer_leave_the_page_serving(app, reference, de
 
 @pytest.mark.parametrize("field, value, message", [
     ("alpha", math.nan, "alpha must be in"), ("alpha", 11.0, "alpha must be in"), ("beta", math.inf, "beta must be in"),
-    ("guidance", -1.0, "guidance must be in"), ("steps", 2.5, "steps must be a whole number"),
+    ("beta", -0.01, r"beta must be in \[0, 10\]"), ("np_mu", math.nan, "NP-LoRA's mu must be"),
+    ("np_mu", -math.inf, "NP-LoRA's mu must be"), ("switch_every", 0, "LoRA Switch's block must be"),
+    ("beta_auto", "yes", "beta from DINO must be true or false"), ("guidance", -1.0, "guidance must be in"),
+    ("steps", 2.5, "steps must be a whole number"),
     ("seed", 2**32, "seed must be a whole number"), ("height", 264, "height must be a multiple of 8 from 8 to 256"),
 ])
 def test_studio_checks_what_the_page_cannot(app, field, value, message):
@@ -311,6 +335,140 @@ def test_studio_checks_what_the_page_cannot(app, field, value, message):
     _, studio, _ = app
     with pytest.raises(KLoRAError, match=message):
         studio.generate(PROMPT, **{field: value})
+
+
+# --- the other fusion rules and their knobs ---------------------------------------
+
+def test_switch_every_sets_lora_switchs_block(app, reference, demo_sdxl_loras, request):
+    """LoRA Switch through the page: content for N steps, then style for N, ...; the picture, map and log are the
+    library's with ``switch_every=N``, and changing N reloads and re-attaches nothing."""
+    from klora import selection_map
+
+    _, studio, client = app
+    content, style = demo_sdxl_loras
+    settings = ("switch", "s*", 1.5, None, 5, 5.0, 3, 64, 64, "")
+    want = {every: reference(content, style, *settings, switch_every=every) for every in (2, 1)}
+    loads = request.getfixturevalue("loads")
+    for every, (want_image, want_map, want_log) in want.items():
+        reply = call(client, method="switch", steps=5, switch_every=every)
+        assert np.array_equal(pixels(reply.image), pixels(want_image)), every
+        log = read_json(reply.selection_log)
+        assert log == named(want_log) and log["switch_every"] == every and log["method"] == "switch"
+        steps = log["generations"][0]["steps"]
+        assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
+        for step in steps:  # every shared layer takes the step's LoRA
+            assert set(step["choices"].values()) == {"content" if (step["step"] // every) % 2 == 0 else "style"}
+        assert np.array_equal(pixels(reply.selection_map), pixels(want_map))
+        assert np.array_equal(pixels(reply.selection_map), pixels(selection_map.render(log)))
+        assert f"LoRA Switch (content first, then style, switching every {every} steps)" in reply.summary
+    assert not np.array_equal(pixels(want[2][0]), pixels(want[1][0]))  # N changed the picture
+    assert counts(loads) == {"pipelines": 0, "models": 0, "lora reads": 0, "attach": 0, "detach": 0}
+    assert studio.klora.switch_every == 1
+
+
+def test_np_mu_change_reattaches_and_gives_the_librarys_picture(app, reference, demo_sdxl_loras, request):
+    """NP-LoRA's correction is built from mu when the LoRAs attach: another mu re-attaches first (said under the
+    picture; no file is read again) and makes ``KLoRA(np_mu=...)``'s picture; the hard projection is mu = inf, as a
+    checkbox or as "inf" from an API client; methods other than np run with whatever mu is attached."""
+    _, studio, client = app
+    content, style = demo_sdxl_loras
+    settings = ("np", "s*", 1.5, None, 2, 5.0, 3, 64, 64, "")
+    want = {mu: reference(content, style, *settings, np_mu=mu)[0] for mu in (0.5, 2.0, math.inf)}
+    want_klora = reference(content, style, *SETTINGS[0])
+    loads = request.getfixturevalue("loads")
+    try:
+        reply = call(client, method="np", steps=2)  # the attached mu: nothing to do
+        assert np.array_equal(pixels(reply.image), pixels(want[0.5]))
+        assert reply.selection_map is None and reply.selection_log is None  # a static merge: no per-step choice
+        assert "re-attached" not in reply.summary and "NP-LoRA (mu 0.5)" in reply.summary
+        assert loads["attach"].calls == 0
+
+        reply = call(client, method="np", steps=2, np_mu=2.0)
+        assert np.array_equal(pixels(reply.image), pixels(want[2.0]))
+        assert re.search(r" steps; re-attached first for NP-LoRA's mu 2: \d+\.\d\d s\) · ", reply.summary)
+        assert "NP-LoRA (mu 2)" in reply.summary and studio.klora.np_mu == 2.0
+
+        reply = call(client, method="np", steps=2, np_mu=2.0, hard_projection=True)
+        assert np.array_equal(pixels(reply.image), pixels(want[math.inf]))
+        assert "re-attached first for NP-LoRA's mu inf" in reply.summary
+        assert "NP-LoRA (mu inf: the hard projection)" in reply.summary
+        reply = call(client, method="np", steps=2, np_mu="inf")  # as an API client may send it: the same mu
+        assert np.array_equal(pixels(reply.image), pixels(want[math.inf])) and "re-attached" not in reply.summary
+
+        reply = call(client, np_mu=7.0)  # K-LoRA does not use mu: no re-attach
+        assert np.array_equal(pixels(reply.image), pixels(want_klora[0]))
+        assert read_json(reply.selection_log) == named(want_klora[2]) and "re-attached" not in reply.summary
+        assert counts(loads) == {"pipelines": 0, "models": 0, "lora reads": 0, "attach": 2, "detach": 2}
+        assert not np.array_equal(pixels(want[0.5]), pixels(want[2.0]))  # the pictures tell the mus apart
+        assert not np.array_equal(pixels(want[2.0]), pixels(want[math.inf]))
+    finally:
+        call(client, method="np", steps=1)  # the server's mu again, for the tests that follow
+    assert studio.klora.np_mu == 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory) -> str:
+    """A folder with a tiny ViT (random weights) and its image processor: a DINO model for ``klora.dino``."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-dino")
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      resample=2).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_beta_from_dino_equals_auto_beta_called_directly(tiny_sdxl_dir, demo_sdxl_loras, tiny_dino):
+    """With an Embedder (``--dino_model``), EST-LoRA's beta from DINO on the page is ``klora.dino.auto_beta`` at
+    the request's prompt, seed and settings: the same beta, picture, map and log; the visitor's pattern and alpha
+    stay; the log names the DINO folder, not its path; K-LoRA ignores the option."""
+    from klora import dino, selection_map
+    from klora.app import Defaults, Studio
+    from klora.fusion import KLoRA
+    from klora.pipelines import load_pipeline
+
+    content, style = demo_sdxl_loras
+    embedder = dino.Embedder(tiny_dino)
+    pipe = load_pipeline(tiny_sdxl_dir, "unet", "cpu")
+
+    def direct(pattern, alpha, seed, steps):
+        with KLoRA(pipe, content, style, method="est", pattern=pattern, alpha=alpha) as klora:
+            settings = dict(num_inference_steps=steps, guidance_scale=5.0, height=64, width=64)
+            beta = dino.auto_beta(pipe, klora, embedder, PROMPT, seed, **settings)
+            klora.set_schedule(pattern, alpha, beta)  # the schedule the visitor chose, with DINO's beta
+            image = pipe(prompt=PROMPT, generator=torch.Generator("cpu").manual_seed(seed), **settings).images[0]
+            return beta, image, klora.selection_log()
+
+    want = [direct("s", 1.5, 3, 3), direct("s*", 2.0, 8, 4)]
+    studio = Studio(load_pipeline(tiny_sdxl_dir, "unet", "cpu"), content, style, embedder=embedder,
+                    defaults=Defaults(prompt=PROMPT, steps=3, height=64, width=64))
+    with served(studio) as client:
+        replies = [call(client, method="est", pattern="s", alpha=1.5, beta=0.7, seed=3, beta_from_dino=True),
+                   call(client, method="est", pattern="s*", alpha=2.0, seed=8, steps=4, beta_from_dino=True)]
+        plain = call(client, beta=0.7, beta_from_dino=True)  # K-LoRA: its own beta
+    with KLoRA(pipe, content, style, pattern="s*", alpha=1.5, beta=0.7) as klora:
+        plain_image = pipe(prompt=PROMPT, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                           generator=torch.Generator("cpu").manual_seed(3)).images[0]
+        plain_log = klora.selection_log()
+
+    folder_name = Path(tiny_dino).name
+    for reply, (beta, image, log) in zip(replies, want):
+        assert np.array_equal(pixels(reply.image), pixels(image))
+        got = read_json(reply.selection_log)
+        assert log["beta_auto"]["dino_model"] == tiny_dino  # the library records what it was given ...
+        assert got["beta_auto"]["dino_model"] == folder_name  # ... the page names the folder only
+        assert got == named({**log, "beta_auto": {**log["beta_auto"], "dino_model": folder_name}})
+        assert got["beta"] == beta and got["method"] == "est" and 0 < beta < 2
+        assert np.array_equal(pixels(reply.selection_map), pixels(selection_map.render(log)))
+        assert f"beta {beta:g} from DINO ({folder_name}: 1 - cosine" in reply.summary
+        assert tiny_dino not in reply.summary
+    assert want[1][2]["alpha"] == 2.0 and want[0][0] != want[1][0]
+    assert np.array_equal(pixels(plain.image), pixels(plain_image))
+    assert read_json(plain.selection_log) == named(plain_log) and "from DINO" not in plain.summary
 
 
 # --- switching LoRAs in the page -------------------------------------------------
@@ -1060,6 +1218,8 @@ def test_script_usage_error_is_one_line():
     (["--content_scale", "inf"], "--content_scale inf: must be a finite number other than 0"),
     (["--extra_lora", "x.safetensors", "--extra_lora_scale", "1e308"],
      r"--extra_lora_scale 1e\+308: must be a finite number other than 0, from -100 to 100$"),
+    (["--demo", "--dino_model", "/no/such/dino"],
+     r"^--dino_model '/no/such/dino': could not load a ViT and its image processor \([^\n]*\)$"),
 ])
 def test_script_checks_its_arguments_before_loading(args, message):
     import inference_gradio
@@ -1150,7 +1310,8 @@ def launched(monkeypatch):
 
     def build_app(studio, **kwargs):
         seen["studio"] = studio
-        return real_build_app(studio, **kwargs)
+        seen["page"] = real_build_app(studio, **kwargs)
+        return seen["page"]
 
     def serve(demo, limits, **kwargs):
         seen["serve"] = kwargs
@@ -1197,6 +1358,27 @@ def test_script_checks_video_flags_against_the_model(launched, args, message):
     with pytest.raises(KLoRAError, match=message):
         inference_gradio.main(args)
     assert "studio" not in launched  # refused before any LoRA was attached
+
+
+def test_script_offers_beta_from_dino_with_dino_model(launched, tiny_dino):
+    """``--dino_model`` loads the ViT at start and the page offers EST-LoRA's beta from DINO; without it the
+    checkbox is there but off; a video model refuses it."""
+    import inference_gradio
+    from klora.errors import KLoRAError
+
+    def dino_checkbox(page):
+        return next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "beta-from-dino")
+
+    with pytest.raises(KLoRAError, match=r"^--dino_model: beta from DINO compares two pictures \(EST-LoRA, for image "
+                                         r"models\); Wan makes videos \(drop --dino_model\)$"):
+        inference_gradio.main(["--demo", "--demo_family", "wan22", "--dino_model", tiny_dino])
+    assert "studio" not in launched
+    inference_gradio.main(["--demo", "--demo_family", "sdxl", "--dino_model", tiny_dino])
+    studio, page = launched["studio"], launched["page"]
+    assert studio.embedder.name == tiny_dino and studio.embedder_label == Path(tiny_dino).name
+    assert dino_checkbox(page).interactive is True
+    inference_gradio.main(["--demo", "--demo_family", "sdxl"])
+    assert launched["studio"].embedder is None and dino_checkbox(launched["page"]).interactive is False
 
 
 @pytest.mark.slow
