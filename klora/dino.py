@@ -51,6 +51,6 @@ def auto_beta(pipe, klora, embedder: Embedder, prompt: str, seed: int = 0, call=
         embeddings[role] = embedder.embed(call(arguments).images[0])
     klora.set_method("est")
     beta = beta_from_embeddings(embeddings["content"], embeddings["style"])
-    klora.set_schedule(beta=beta)
+    klora.set_schedule(klora.pattern, klora.alpha, beta)
     klora.beta_auto = {"dino_model": embedder.name, "seed": seed, "cosine": 1.0 - beta}
     return beta

@@ -10,6 +10,8 @@ read the file exactly:
   ``.lora_up.weight``, ``.alpha`` = rank per layer);
 - transformer models: diffusers' PEFT names (``transformer.<path>.lora_A.weight``), every layer padded
   with zero rows to one rank, since diffusers guesses one alpha for the file and PEFT names carry none.
+ComfyUI's ``LoraLoaderModelOnly`` reads both for SD 1.x, SDXL, SD3, FLUX.1 and Qwen-Image (tested); it
+maps no diffusers names for Wan, HunyuanVideo or LTX-Video (the K-LoRA node reads those).
 Only low-rank layers of the denoiser are written: text-encoder weights and extra LoRAs are not part of
 the fusion; files with full-weight parts (``.diff``, norms) and two-expert models are refused.
 """

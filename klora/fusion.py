@@ -390,11 +390,14 @@ class KLoRA:
     # --- configuration -----------------------------------------------------
 
     def set_schedule(self, pattern=None, alpha=None, beta=None) -> None:
-        """Change pattern / alpha / beta; beta=None takes the pattern's default."""
+        """Change pattern / alpha / beta; pattern or alpha None keeps the current one, beta=None takes
+        the pattern's default."""
         pattern = self.pattern if pattern is None else pattern
         if pattern not in rule.PATTERNS:
             raise KLoRAError(f"pattern must be one of {', '.join(rule.PATTERNS)}, got {pattern!r}")
-        alpha = rule.DEFAULT_ALPHA if alpha is None else float(alpha)
+        if alpha is None:  # keep the current alpha (at construction: the paper's)
+            alpha = rule.DEFAULT_ALPHA if self.alpha is None else self.alpha
+        alpha = float(alpha)
         if not (alpha > 0 and alpha < float("inf")):
             raise KLoRAError(f"alpha must be a positive number, got {alpha}")
         beta = rule.default_beta(pattern, alpha) if beta is None else methods.check_beta(beta)

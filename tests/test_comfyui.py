@@ -1166,3 +1166,49 @@ def test_the_methods_knobs_are_checked(comfy_folders, tmp_path):
     with pytest.raises(KLoRAError, match=r"np_mu must be -1 \(infinity: the hard projection\) or a number >= 0"):
         KLoRALoader().load(tiny.patcher, "content.safetensors", "style.safetensors", "s", 1.5, -1.0, "np", "steps", "",
                            np_mu=-0.5)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "sd3", "qwen_image"])
+def test_comfyuis_own_loader_reads_the_exported_layout(family, tmp_path, caplog):
+    """``klora.export.state_dict`` (what ``--export_lora`` writes) for layers named by their diffusers paths:
+    ComfyUI's ``LoraLoaderModelOnly`` maps every key and applies each layer exactly (ranks differ per layer,
+    so the UNet's per-layer alpha and the transformers' padding to one rank both matter)."""
+    from klora.export import state_dict
+
+    tiny = cm.build(family)
+    cut = family in ("flux", "sd3")
+    state = tiny.model.state_dict()
+    every = [(k, r) for k, r in files.targets(tiny.model, r"\.weight$", fused_rows(tiny) if cut else {})
+             if state[k].dim() == 2]
+    if family in ("sd15", "sdxl"):
+        name_of, component = (lambda ls: files.names_from_map(ls, _unet_map(tiny), prefix="")), "unet"
+    elif cut:
+        name_of, component = (lambda ls: files.names_from_map(ls, _mmdit_map(tiny), prefix="")), "transformer"
+    else:
+        name_of, component = (lambda ls: files.names_comfy(ls, prefix="")), "transformer"
+    chosen = _nameable(tiny, lambda t, ls: name_of(ls), every)
+    assert len(chosen) >= 0.5 * len(every), f"only {len(chosen)} of {len(every)} weights named"
+    layers = files.random_layers(tiny.model, chosen, rank=lambda i: 2 + i % 3, alpha=lambda i: 1.0 + i % 4, seed=9)
+    names = name_of(layers)
+    swapped = _swapped(tiny) if cut else (lambda layer: False)  # diffusers' order of (shift, scale) rows
+
+    def up(layer):
+        B = (layer.B.double() * layer.scale).float()
+        return torch.cat(B.chunk(2)[::-1]) if swapped(layer) else B
+
+    exported = {names[id(l)]: (up(l), l.A.float()) for l in layers}
+    path = tmp_path / "exported.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(state_dict(exported, component), str(path))
+    w0 = cm.weights(tiny.patcher)
+    with caplog.at_level("WARNING"):
+        got = loaded_weights(loader(tiny.patcher, path))
+    assert "lora key not loaded" not in caplog.text
+    expected = files.expected_weights(w0, [(layers, 1.0)])
+    adapted = {l.key for l in layers}
+    for key, value in got.items():
+        if key in adapted:
+            assert torch.allclose(value.double(), expected[key], rtol=1e-5, atol=1e-6), key
+        else:
+            assert torch.equal(value, w0[key]), key

@@ -66,7 +66,7 @@ def _tiny_dino(folder):
 def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tmp_path):
     dino = _tiny_dino(tmp_path / "dino")
     log = tmp_path / "log.json"
-    args = ("--demo", "--seeds", "3", "--num_inference_steps", "12")
+    args = ("--demo", "--seeds", "3", "--num_inference_steps", "12", "--alpha", "2.0", "--pattern", "s")
     result = run_script("inference_sd.py", *args, "--method", "est", "--beta", "auto", "--dino_model", str(dino),
                         "--selection_log", str(log), "--output_folder", str(tmp_path / "est"))
     assert result.returncode == 0, result.stderr
@@ -85,7 +85,7 @@ def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tm
             embeddings.append(model(pixel_values=(x - 0.5) / 0.5).last_hidden_state[0, 0].double())
     cosine = float(torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0))
     written = json.loads(log.read_text())
-    assert written["method"] == "est"
+    assert written["method"] == "est" and written["alpha"] == 2.0 and written["pattern"] == "s"  # kept
     assert written["beta"] == pytest.approx(1 - cosine, abs=1e-5)
     assert written["beta_auto"]["seed"] == 3 and written["beta_auto"]["dino_model"] == str(dino)
     assert f"= {1 - cosine:.4f}" in result.stdout
