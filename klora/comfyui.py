@@ -298,17 +298,7 @@ def read_file(path: Path, role: str) -> loras.LoRAFile:
         raise LoRAError(f"{label}: not a readable LoRA file (ComfyUI's load_torch_file, weights only: {reason})") \
             from None
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)} if isinstance(loaded, dict) else {}
-    if not tensors:
-        raise LoRAError(f"{label}: the file holds no tensors")
-    if not any(marker in key for key in tensors for marker in loras._LORA_MARKERS):
-        raise LoRAError(f"{label}: not a LoRA (no lora_A/lora_B or lora_down/lora_up weights; first key "
-                        f"'{next(iter(tensors))}': a full model checkpoint?)")
-    if any(key.endswith(("dora_scale", "lora_magnitude_vector")) for key in tensors):
-        raise LoRAError(f"{label}: a DoRA file (dora_scale / lora_magnitude_vector keys); K-LoRA chooses between "
-                        "plain low-rank updates, so DoRA files are refused")
-    for line in checks.check_file(tensors, {}, label):
-        warnings.warn(line, stacklevel=2)
-    return loras.LoRAFile(label=label, path=path, tensors=tensors, metadata={})
+    return loras.checked(tensors, {}, label, path)
 
 
 def key_map_for(model, names) -> dict:

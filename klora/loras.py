@@ -91,6 +91,8 @@ def resolve(name_or_path: str | os.PathLike, weight_name: str | None = None, rol
         return path
     if path.is_dir():
         return _file_in_folder(path, weight_name, role)
+    if path.exists():  # a device, a pipe, a socket: reading one could block or never end
+        raise LoRAError(f"{role} '{text}': not a regular file (a device or pipe?); give a .safetensors file")
     if _looks_like_repo_id(text):
         return _download(text, weight_name, role)
     raise LoRAError(f"{role} '{text}': no such file or folder (and not a hub repo id)")
@@ -157,6 +159,11 @@ def read(path: Path, role: str = "LoRA") -> LoRAFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise LoRAError(f"{label}: not a readable safetensors file (truncated or corrupted? {_short(exc)})") from None
+    return checked(tensors, metadata, label, path)
+
+
+def checked(tensors: dict, metadata: dict, label: str, path: Path) -> LoRAFile:
+    """The tensors of a LoRA file, refused unless they are a finite LoRA (``read``; ComfyUI's .pt files)."""
     if not tensors:
         raise LoRAError(f"{label}: the file holds no tensors")
     if not any(marker in key for key in tensors for marker in _LORA_MARKERS):
@@ -168,7 +175,7 @@ def read(path: Path, role: str = "LoRA") -> LoRAFile:
         raise LoRAError(f"{label}: a DoRA file (dora_scale / lora_magnitude_vector keys); K-LoRA chooses between "
                         "plain low-rank updates and would drop the magnitude vectors, so DoRA files are refused")
     for line in checks.check_file(tensors, metadata, label):  # pairs, shapes, ranks, alphas, NaN/Inf, zeros
-        warnings.warn(line, stacklevel=3)
+        warnings.warn(line, stacklevel=4)
     return LoRAFile(label=label, path=path, tensors=tensors, metadata=metadata)
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from klora import loras
+from klora.errors import LoRAError
 from klora.fusion import ADAPTER_NAMES, KLoRA
 from applied import applied_delta, base_weights
 from lora_files import (attention_linears, delta, random_layers, sgm_name, write_kohya, write_old_diffusers,
@@ -193,3 +194,23 @@ def test_text_encoder_weights_are_reported_not_applied(pipe, tmp_path):
     assert not torch.allclose(pipe.text_encoder(ids)[0], base)
     klora.detach()
     assert torch.equal(pipe.text_encoder(ids)[0], base)
+
+
+def test_a_device_is_refused_as_not_a_regular_file(tmp_path):
+    """/dev/zero exists and is no file or folder: reading it would never end. One line, no read."""
+    import os
+
+    from conftest import run_script
+
+    with pytest.raises(LoRAError, match=r"^content LoRA '/dev/zero': not a regular file"):
+        loras.resolve("/dev/zero", role="content LoRA")
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(LoRAError, match="not a regular file"):
+        loras.resolve(fifo, role="style LoRA")
+    result = run_script("inference_sd.py", "--pretrained_model_name_or_path", "world/sdxl",
+                        "--lora_name_or_path_content", "world/loras/sbu.safetensors", "--lora_name_or_path_style",
+                        "/dev/zero", "--prompt", "a sbu toy", "--output_folder", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: style LoRA '/dev/zero': not a regular file (a device or pipe?); "
+                                     "give a .safetensors file")
