@@ -371,7 +371,7 @@ def test_all_zero_layers_warn_and_the_rule_skips_them(demo_sdxl_loras, sd_argv, 
         assert len(named) == 1 and f"{len(zeros) + 1} of {total} layers have a zero delta" in named[0], lines
         assert f"'unet.{zeros[0]}'" in named[0]
         count = len(zeros) + len(zero_both)
-        assert any(line.startswith(f"warning: {count} layers both LoRAs adapt are all zero in the {role} LoRA")
+        assert any(line.startswith(f"warning: K-LoRA: {count} layers both LoRAs adapt are all zero in the {role} LoRA")
                    and f"the {other} LoRA is used there at every step" in line for line in lines), lines
 
     # A layer with a zero side is not compared: the other LoRA acts there at every step.

@@ -59,7 +59,8 @@ def test_run_writes_images_map_and_log(base_args, tmp_path, capsys):
     assert (log["pattern"], log["alpha"], log["beta"]) == ("s", 1.5, 0.5)
     assert len(log["generations"]) == 2
     first_layer = next(iter(log["layers"]))
-    assert set(log["layers"][first_layer]) == {"k", "content_topk_sum", "style_topk_sum"}
+    assert set(log["layers"][first_layer]) == {"k", "content_topk_sum", "style_topk_sum", "content_energy",
+                                               "style_energy"}
     assert log["layers"][first_layer]["k"] == 64
     steps = log["generations"][0]["steps"]
     assert [s["step"] for s in steps] == [0, 1, 2] and steps[1]["progress"] == pytest.approx(1 / 3)
@@ -201,7 +202,7 @@ def test_no_shared_layers_warns_then_runs(tiny_sdxl_dir, tmp_path, capsys):
                          "--num_inference_steps", "2", "--height", "64", "--width", "64",
                          "--output_folder", str(tmp_path / "out")], capsys)
     assert code == 0
-    assert "warning: the content and style LoRAs adapt no layer in common" in err
+    assert "warning: K-LoRA: the content and style LoRAs adapt no layer in common" in err
 
 
 @pytest.mark.slow
