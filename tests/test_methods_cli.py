@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+import inference_sd
 from conftest import run_script
+from klora import cli
 from klora import world, world_eval
 
 
@@ -103,11 +105,16 @@ def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tm
     (("--method", "np", "--export_lora", "x.pt"), "--export_lora 'x.pt': the file name must end in .safetensors"),
     (("--method", "est", "--beta", "auto", "--dino_model", "/nonexistent/dino"), "--dino_model '/nonexistent/dino'"),
 ])
-def test_bad_method_arguments_are_one_line_errors(tmp_path, args, message):
-    result = run_script("inference_sd.py", "--demo", *args, "--output_folder", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_bad_method_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.run(inference_sd.main, ["--demo", *args, "--output_folder", str(tmp_path / "out")])
+    except SystemExit as exc:  # argparse refuses a malformed number itself
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
