@@ -253,3 +253,47 @@ def test_wan22_switch_counts_steps_across_the_experts_and_np_merges_both(video_d
             assert torch.allclose(total_applied(denoiser, path, before[component]), expected,
                                   rtol=1e-4, atol=2e-7), (component, path)
     klora.detach()
+
+
+@pytest.mark.parametrize("switching", ["fused", "adapters"])
+def test_np_projects_convolution_loras_in_their_flattened_input_space(pipe, tmp_path, switching):
+    """A LoCon-style LoRA (lora_A: r x in x 3 x 3, lora_B: out x r x 1 x 1) on the UNet's convolutions."""
+    from safetensors.torch import save_file
+
+    convs = [p for p, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+             and ".resnets." in p][:4]
+    modules = dict(pipe.unet.named_modules())
+    gen = torch.Generator().manual_seed(5)
+    factors = {}
+    for role, rank in (("content", 3), ("style", 2)):
+        tensors, factors[role] = {}, {}
+        for path in convs:
+            conv = modules[path]
+            A = torch.randn(rank, conv.in_channels, 3, 3, generator=gen) * 0.05
+            B = torch.randn(conv.out_channels, rank, 1, 1, generator=gen) * 0.05
+            tensors[f"unet.{path}.lora_A.weight"], tensors[f"unet.{path}.lora_B.weight"] = A, B
+            factors[role][path] = (A.flatten(1), B.flatten(1), float(rank))  # no alpha: alpha = rank
+        save_file(tensors, str(tmp_path / f"{role}.safetensors"))
+    before = base_weights(pipe.unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no alpha in the file": alpha = rank, scale 1, as written above
+        klora = KLoRA(pipe, tmp_path / "content.safetensors", tmp_path / "style.safetensors", method="np",
+                      switching=switching)
+    for path in convs:
+        expected = np_merge(delta(factors["content"][path]), delta(factors["style"][path]), 0.5)
+        assert torch.allclose(total_applied(pipe.unet, path, before), expected, rtol=1e-4, atol=2e-7), path
+    klora.detach()
+
+    # The same merge exported as one file (kohya names, per-layer alpha) and read by diffusers alone.
+    from klora.export import export_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_lora(pipe, tmp_path / "content.safetensors", tmp_path / "style.safetensors",
+                    tmp_path / "np.safetensors", method="np")
+    pipe.load_lora_weights(str(tmp_path / "np.safetensors"), adapter_name="exported")
+    for path in convs:
+        expected = np_merge(delta(factors["content"][path]), delta(factors["style"][path]), 0.5)
+        got = applied_delta(pipe.unet, path, before, "exported")
+        assert torch.allclose(got, expected, rtol=1e-4, atol=2e-7), path
+    pipe.unload_lora_weights()
