@@ -297,3 +297,30 @@ def test_np_projects_convolution_loras_in_their_flattened_input_space(pipe, tmp_
         got = applied_delta(pipe.unet, path, before, "exported")
         assert torch.allclose(got, expected, rtol=1e-4, atol=2e-7), path
     pipe.unload_lora_weights()
+
+
+def test_exported_flux_lora_pads_ranks_and_diffusers_reads_it_exactly(tiny_flux_dir, tmp_path):
+    """Transformers get diffusers' PEFT names with every layer padded to one rank (no alpha in the file):
+    shared layers have rank 4 + 2, content-only ones 4, and each must still apply exactly its own delta."""
+    from diffusers import FluxPipeline
+
+    from klora.export import export_lora
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    paths = [p for p, m in pipe.transformer.named_modules()
+             if isinstance(m, torch.nn.Linear) and p.endswith((".to_q", ".to_k", ".to_v"))]
+    content = random_layers(pipe.transformer, paths, rank=4, alpha=2.0, seed=31, scale=0.05)
+    style = random_layers(pipe.transformer, paths[::2], rank=2, alpha=4.0, seed=32, scale=0.06)
+    write_peft(tmp_path / "content.safetensors", content, prefix="transformer")
+    write_peft(tmp_path / "style.safetensors", style, prefix="transformer")
+    before = base_weights(pipe.transformer)
+    for mu in (0.5, math.inf):
+        out = tmp_path / f"np-{mu}.safetensors"
+        export_lora(pipe, tmp_path / "content.safetensors", tmp_path / "style.safetensors", out, method="np", np_mu=mu)
+        pipe.load_lora_weights(str(out), adapter_name="exported")
+        for path in paths:
+            dc = delta(content[path])
+            expected = np_merge(dc, delta(style[path]), mu) if path in style else dc
+            got = applied_delta(pipe.transformer, path, before, "exported")
+            assert torch.allclose(got, expected, rtol=1e-4, atol=2e-7), (mu, path)
+        pipe.unload_lora_weights()
