@@ -15,7 +15,6 @@ results/grids/. Score the folder with evaluate_metrics.py.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -182,7 +182,6 @@ def render(log: dict, generation: int = -1, max_side: int = 720) -> Image.Image:
         return image
 
     left, right = at.columns[0][1], at.columns[-1][2]
-    cell_w = at.columns[0][2] - at.columns[0][1]
     for panel in at.panels:
         for group in panel.groups:
             # One pixel per cell, scaled up by whole factors: exact cells, and fast for 1000 x 150.
