@@ -412,9 +412,8 @@ class KLoRA:
             self.labels[role] = label
             for line in notes:
                 _warn(line)
-        if _same_file(content_path, style_path):
-            _warn(f"the content and style LoRAs are the same file ({self.labels['content']}): both sides hold the "
-                  "same update, so there is nothing to fuse; choose the style LoRA in style_lora")
+        if loras.same_file(content_path, style_path):
+            _warn(loras.SAME_FILE.format(label=self.labels["content"]))
         self._build_units(model, parts, patcher.load_device)
         self.generations: list[dict] = []
         self._run = None
@@ -839,13 +838,6 @@ def _add_part(weight, part: Part, strength: float, one_pass: bool) -> None:
 def _warn(text: str) -> None:
     """Log a warning; every warning the node logs starts with "K-LoRA:"."""
     logger.warning(text if text.startswith("K-LoRA:") else f"K-LoRA: {text}")
-
-
-def _same_file(first, second) -> bool:
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
 
 
 def _style_directions(parts, span, weight, key, device) -> torch.Tensor:

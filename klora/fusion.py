@@ -175,6 +175,8 @@ class KLoRA:
                     content_2_weight_name, style_2_weight_name, extra_loras, extra_loras_2) -> dict:
         files = {"content": _as_lora_file(content, content_weight_name, "content LoRA"),
                  "style": _as_lora_file(style, style_weight_name, "style LoRA")}
+        if content is style or loras.same_file(files["content"].path, files["style"].path):
+            warnings.warn(loras.SAME_FILE.format(label=files["content"].label), stacklevel=4)
         for role, source, weight_name in (("content", content_2, content_2_weight_name),
                                           ("style", style_2, style_2_weight_name)):
             if source is None:

@@ -179,6 +179,18 @@ def checked(tensors: dict, metadata: dict, label: str, path: Path) -> LoRAFile:
     return LoRAFile(label=label, path=path, tensors=tensors, metadata=metadata)
 
 
+def same_file(first, second) -> bool:
+    """Whether two paths name one file (the same LoRA given as content and style)."""
+    try:
+        return os.path.samefile(first, second)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+SAME_FILE = ("K-LoRA: the content and style LoRAs are the same file ({label}): both sides hold the same update, so "
+             "there is nothing to fuse; give the style LoRA as the style")
+
+
 def _short(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:160]

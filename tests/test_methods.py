@@ -324,3 +324,18 @@ def test_exported_flux_lora_pads_ranks_and_diffusers_reads_it_exactly(tiny_flux_
             got = applied_delta(pipe.transformer, path, before, "exported")
             assert torch.allclose(got, expected, rtol=1e-4, atol=2e-7), (mu, path)
         pipe.unload_lora_weights()
+
+
+def test_the_same_file_as_content_and_style_is_named_once(pipe, lora_pair):
+    content_path, _, _, _ = lora_pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        klora = KLoRA(pipe, content_path, content_path)
+    same = [str(w.message) for w in caught if "same file" in str(w.message)]
+    assert same == [f"K-LoRA: the content and style LoRAs are the same file (content LoRA '{content_path}'): both "
+                    "sides hold the same update, so there is nothing to fuse; give the style LoRA as the style"]
+    klora.detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        KLoRA(pipe, *lora_pair[:2]).detach()
+    assert not [w for w in caught if "same file" in str(w.message)]

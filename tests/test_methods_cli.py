@@ -9,9 +9,16 @@ import torch
 from PIL import Image
 
 import inference_sd
-from conftest import run_script
 from klora import cli
 from klora import world, world_eval
+
+
+class Run:
+    """One command-line run in this process, through the script's own entry point (``cli.run``)."""
+
+    def __init__(self, capsys, *argv):
+        self.returncode = cli.run(inference_sd.main, list(argv))
+        self.stdout, self.stderr = capsys.readouterr()
 
 
 def _image(path):
@@ -27,9 +34,9 @@ def _world_pipe():
 
 
 @pytest.mark.parametrize("method, mu", [("np", "0.5"), ("np", "inf"), ("merge", "0.5")])
-def test_exported_lora_loaded_by_diffusers_alone_gives_the_same_picture(tmp_path, method, mu):
+def test_exported_lora_loaded_by_diffusers_alone_gives_the_same_picture(tmp_path, capsys, method, mu):
     exported = tmp_path / "fused.safetensors"
-    result = run_script("inference_sd.py", "--demo", "--method", method, "--np_mu", mu, "--export_lora", str(exported),
+    result = Run(capsys, "--demo", "--method", method, "--np_mu", mu, "--export_lora", str(exported),
                         "--output_folder", str(tmp_path / "out"), "--num_inference_steps", "20")
     assert result.returncode == 0, result.stderr
     ours = _image(tmp_path / "out" / f"{method}_seed0.png")
@@ -65,15 +72,15 @@ def _tiny_dino(folder):
     return folder
 
 
-def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tmp_path):
+def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tmp_path, capsys):
     dino = _tiny_dino(tmp_path / "dino")
     log = tmp_path / "log.json"
     args = ("--demo", "--seeds", "3", "--num_inference_steps", "12", "--alpha", "2.0", "--pattern", "s")
-    result = run_script("inference_sd.py", *args, "--method", "est", "--beta", "auto", "--dino_model", str(dino),
+    result = Run(capsys, *args, "--method", "est", "--beta", "auto", "--dino_model", str(dino),
                         "--selection_log", str(log), "--output_folder", str(tmp_path / "est"))
     assert result.returncode == 0, result.stderr
     for role in ("content", "style"):  # the two pictures, made by the command line as a user would
-        done = run_script("inference_sd.py", *args, "--method", role, "--output_folder", str(tmp_path / role))
+        done = Run(capsys, *args, "--method", role, "--output_folder", str(tmp_path / role))
         assert done.returncode == 0, done.stderr
 
     from transformers import ViTModel
@@ -118,10 +125,10 @@ def test_bad_method_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_an_existing_export_is_not_overwritten(tmp_path):
+def test_an_existing_export_is_not_overwritten(tmp_path, capsys):
     exported = tmp_path / "fused.safetensors"
     exported.write_bytes(b"keep me")
-    result = run_script("inference_sd.py", "--demo", "--method", "np", "--export_lora", str(exported),
+    result = Run(capsys, "--demo", "--method", "np", "--export_lora", str(exported),
                         "--output_folder", str(tmp_path / "out"))
     assert result.returncode == 2 and "already exists" in result.stderr
     assert exported.read_bytes() == b"keep me"
