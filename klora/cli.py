@@ -25,10 +25,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import temporary_beside
-from . import rule
+from . import dino, methods, rule
+from .atomic import replacing
 from .errors import KLoRAError  # noqa: F401  (re-exported for the scripts)
-from . import dino, methods
 from .fusion import MAX_STRENGTH, METHODS, PROGRESS, SWITCHING
 
 MAX_SIDE = 8192
@@ -608,16 +607,8 @@ def _check_writable(folder: Path, flag: str) -> None:
 
 def save_png(image, path: Path) -> None:
     """Write a PNG atomically: a reader never sees a half-written image."""
-    path = Path(path)
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # --- the run ------------------------------------------------------------------------------

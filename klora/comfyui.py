@@ -107,7 +107,7 @@ import comfy.patcher_extension
 import comfy.utils
 import comfy.weight_adapter
 
-from . import checks, est_lora, formats, lora_switch, loras, methods, np_lora, rule
+from . import atomic, checks, est_lora, formats, lora_switch, loras, methods, np_lora, rule
 from .errors import KLoRAError, LoRAError
 
 ROLES = ("content", "style")
@@ -632,13 +632,8 @@ class KLoRA:
         log.update(self.labels)
         if self.strengths != {"content": 1.0, "style": 1.0}:  # the engine's keys; statistics stay the files' own
             log["content_scale"], log["style_scale"] = self.strengths["content"], self.strengths["style"]
-        if self.method == "np":
-            log["np_mu"] = self.np_mu
-        if self.method == "switch":
-            log["switch_every"] = self.switch_every
-        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum,
-                               "content_energy": self.energies[key][0], "style_energy": self.energies[key][1]}
-                         for key, s in self.stats.items()}
+        log.update(methods.log_knobs(self.method, self.np_mu, self.switch_every))
+        log["layers"] = methods.log_layers(self.stats, self.energies)
         log["only"] = dict(self.only)
         log["generations"] = [{"num_inference_steps": g["num_inference_steps"], "steps": list(g["steps"])}
                               for g in self.generations]
@@ -661,10 +656,7 @@ class KLoRA:
     def save_log(self) -> None:
         if self.log_path is None:
             return
-        tmp = f"{self.log_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.selection_log(), f, indent=1)
-        os.replace(tmp, self.log_path)
+        atomic.write_text(self.log_path, json.dumps(self.selection_log(), indent=1))
 
     def __repr__(self) -> str:
         return (f"KLoRA(pattern={self.pattern!r}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma:.4g}, "

@@ -19,12 +19,11 @@ the fusion; files with full-weight parts (``.diff``, norms) and two-expert model
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from .atomic import temporary_beside
+from .atomic import replacing
 from . import methods, np_lora
 from .errors import KLoRAError
 
@@ -93,15 +92,8 @@ def write(path, tensors: dict, metadata: dict, overwrite: bool = False) -> Path:
         raise KLoRAError(f"--export_lora '{path}': the file name must end in .safetensors")
     if path.exists() and not overwrite:
         raise KLoRAError(f"--export_lora '{path}' already exists (pass --overwrite to replace)")
-    fd, tmp = temporary_beside(path)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import est_lora, lora_switch, loras, methods, np_lora, rule
+from . import atomic, est_lora, lora_switch, loras, methods, np_lora, rule
 from .errors import KLoRAError, LoRAError
 from .pipelines import Family, check_supported, denoisers_of, family_of
 
@@ -550,13 +550,8 @@ class KLoRA:
             log["denoisers"] = list(self.denoisers)
         if self.beta_auto:
             log["beta_auto"] = dict(self.beta_auto)
-        if self.method == "np":
-            log["np_mu"] = self.np_mu
-        if self.method == "switch":
-            log["switch_every"] = self.switch_every
-        log["layers"] = {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum,
-                               "content_energy": self.energies[key][0], "style_energy": self.energies[key][1]}
-                         for key, s in self.stats.items()}
+        log.update(methods.log_knobs(self.method, self.np_mu, self.switch_every))
+        log["layers"] = methods.log_layers(self.stats, self.energies)
         log["only"] = dict(self.only)
         full = {layer.key: sorted(layer.full) for layer in self.layers if layer.full}
         if full:
@@ -576,7 +571,7 @@ class KLoRA:
         return log
 
     def save_selection_log(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(path, json.dumps(self.selection_log(), indent=1))
+        atomic.write_text(path, json.dumps(self.selection_log(), indent=1))
 
     def memory(self) -> dict[str, int]:
         """Bytes of exact weight copies K-LoRA keeps, by device ({} when it writes no weight)."""
@@ -1274,14 +1269,6 @@ def _delta_from_adapter(adapter, path: str, device) -> torch.Tensor:
     A = adapter.state_dict[f"{path}.lora_A.weight"]
     B = adapter.state_dict[f"{path}.lora_B.weight"]
     return rule.dense_delta(A.flatten(1).to(device), B.flatten(1).to(device), adapter.scales[path])
-
-
-def _atomic_write_text(path, text: str) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --- progress through the denoising schedule -----------------------------------

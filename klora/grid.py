@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import temporary_beside
+from . import atomic
 from .errors import KLoRAError
 
 # Method tags of the comparison and what they mean for ``KLoRA``: (method, pattern, attach-time options).
@@ -340,16 +340,7 @@ def merge_run_record(old: dict | None, settings: dict, spec: Spec, where: str) -
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that a reader never sees half of it."""
-    path = Path(path)
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_text(path, text)
 
 
 # --- the images ----------------------------------------------------------------

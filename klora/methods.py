@@ -49,23 +49,21 @@ def check_method(method, name: str = "method") -> str:
 
 def check_beta(beta, name: str = "beta") -> float:
     """A finite number >= 0 (the style side's weight at p = 0; a negative one has no meaning)."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise KLoRAError(f"{name} must be a finite number >= 0, got {beta!r}") from None
-    if not (0.0 <= value < math.inf):
-        raise KLoRAError(f"{name} must be a finite number >= 0, got {beta!r}")
-    return value
+    return _number(beta, name, "a finite number >= 0", lambda value: 0.0 <= value < math.inf)
 
 
 def check_np_mu(mu, name: str = "np_mu") -> float:
     """mu >= 0: 0 is the direct merge, inf the hard projection."""
+    return _number(mu, name, "a number >= 0 or inf", lambda value: value >= 0.0)
+
+
+def _number(given, name: str, requirement: str, accepts) -> float:
     try:
-        value = float(mu)
+        value = float(given)
     except (TypeError, ValueError):
-        raise KLoRAError(f"{name} must be a number >= 0 or inf, got {mu!r}") from None
-    if math.isnan(value) or value < 0:
-        raise KLoRAError(f"{name} must be a number >= 0 or inf, got {mu!r}")
+        value = math.nan  # refused below: NaN passes no comparison
+    if not accepts(value):
+        raise KLoRAError(f"{name} must be {requirement}, got {given!r}")
     return value
 
 
@@ -74,3 +72,21 @@ def check_switch_every(every, name: str = "switch_every") -> int:
             or every != int(every) or every < 1):
         raise KLoRAError(f"{name} must be a whole number of steps >= 1, got {every!r}")
     return int(every)
+
+
+# --- the selection log's method fields, one schema for both engines -------------------------------------
+
+def log_knobs(method: str, np_mu: float, switch_every: int) -> dict:
+    """The knob of ``method`` the selection log records (NP-LoRA's mu, LoRA Switch's block), if any."""
+    if method == "np":
+        return {"np_mu": np_mu}
+    if method == "switch":
+        return {"switch_every": switch_every}
+    return {}
+
+
+def log_layers(stats: dict, energies: dict) -> dict:
+    """{layer: K-LoRA's K and top-K sums, EST-LoRA's energies} for the layers both LoRAs adapt
+    (``stats``: {key: rule.LayerStats}; ``energies``: {key: (content, style)})."""
+    return {key: {"k": s.k, "content_topk_sum": s.content_topk_sum, "style_topk_sum": s.style_topk_sum,
+                  "content_energy": energies[key][0], "style_energy": energies[key][1]} for key, s in stats.items()}

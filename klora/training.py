@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import atomic
 from .errors import KLoRAError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -860,17 +861,10 @@ python inference_sd.py --pretrained_model_name_or_path {c.pretrained_model_name_
     if images:
         card += f"\n## Validation images ({c.validation_prompt!r})\n\n{pictures}\n"
     path = output_dir / "README.md"
-    temporary = output_dir / f".README.md.{os.getpid()}.tmp"
-    temporary.write_text(card, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic.write_text(path, card)
     return path
 
 
 def _atomic_save_png(image, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic.replacing(path) as temporary:
         image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            os.unlink(temporary)

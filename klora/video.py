@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import temporary_beside
+from .atomic import replacing
 from .errors import KLoRAError
 
 # num_frames must be FRAME_STEP * k + 1: the VAE keeps the first frame on its own and
@@ -107,9 +107,7 @@ def write_mp4(frames: list[np.ndarray], path: str | os.PathLike, fps: float, pro
 
     path = Path(path)
     # ffmpeg picks the container from the extension: the temporary name ends in .mp4 too.
-    fd, tmp = temporary_beside(path, ".mp4")
-    os.close(fd)
-    try:
+    with replacing(path, ".mp4") as tmp:
         writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=MP4_QUALITY,
                                     pixelformat="yuv420p", macro_block_size=MACRO_BLOCK,
                                     output_params=["-movflags", "+faststart"], ffmpeg_log_level="error")
@@ -117,11 +115,6 @@ def write_mp4(frames: list[np.ndarray], path: str | os.PathLike, fps: float, pro
             for frame in tqdm(frames, desc=f"writing {path.name}", unit="frame", disable=not progress,
                               leave=False):
                 writer.append_data(frame)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

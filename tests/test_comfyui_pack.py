@@ -23,8 +23,8 @@ PACK = "custom_nodes_klora_pack"  # the module name a loader gives the pack (Com
 # What loading the pack imports of ours: the node classes and the lists, defaults and checks of the methods
 # (klora.methods, which reads two constants from the method modules; torch and math only).
 NODE_MODULES = {"", ".comfyui_nodes", ".errors", ".rule", ".methods", ".np_lora", ".lora_switch"}
-# What running the node adds: the adapter and what it reads files with.
-ADAPTER_MODULES = {".comfyui", ".loras", ".checks", ".formats", ".est_lora"}
+# What running the node adds: the adapter, what it reads files with and writes its log with.
+ADAPTER_MODULES = {".comfyui", ".loras", ".checks", ".formats", ".est_lora", ".atomic"}
 
 
 def _run(code: str, env=None) -> dict:
