@@ -26,6 +26,32 @@ def _one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def pipe(tiny_sdxl_dir):
+    """A fresh tiny SDXL pipeline (random weights, real diffusers classes), loaded from its folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    p = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> str:
+    """A folder with a tiny ViT (random weights) and its image processor: a DINO model for ``klora.dino``."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-dino")
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      resample=2).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
     from klora.tiny import build_tiny_sdxl

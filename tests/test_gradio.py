@@ -406,21 +406,6 @@ def test_np_mu_change_reattaches_and_gives_the_librarys_picture(app, reference, 
     assert studio.klora.np_mu == 0.5
 
 
-@pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory) -> str:
-    """A folder with a tiny ViT (random weights) and its image processor: a DINO model for ``klora.dino``."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny-dino")
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      resample=2).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.slow
 def test_beta_from_dino_equals_auto_beta_called_directly(tiny_sdxl_dir, demo_sdxl_loras, tiny_dino):
     """With an Embedder (``--dino_model``), EST-LoRA's beta from DINO on the page is ``klora.dino.auto_beta`` at
@@ -921,7 +906,6 @@ def test_config_and_info_name_files_not_server_paths(tiny_sdxl_dir, demo_sdxl_lo
     """/config (the page as the browser gets it), the LoRA info box and the selection log offered for download
     name the model and the LoRAs by file name, not by where they are on the server, under --uploads_only too."""
     import httpx
-    from gradio_client import Client
 
     from klora.app import Defaults, Studio
     from klora.pipelines import load_pipeline

@@ -18,15 +18,6 @@ from lora_files import (attention_linears, delta, random_layers, sgm_name, write
                         write_peft)
 
 
-@pytest.fixture
-def pipe(tiny_sdxl_dir):
-    from diffusers import StableDiffusionXLPipeline
-
-    p = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 FORMATS = {
     "peft_with_alpha_metadata": lambda p, layers, cfg: write_peft(p, layers),
     "peft_without_metadata": lambda p, layers, cfg: write_peft(p, layers, with_alpha_metadata=False),

@@ -19,15 +19,6 @@ from lora_files import attention_linears, delta, random_layers, write_kohya, wri
 
 
 @pytest.fixture
-def pipe(tiny_sdxl_dir):
-    from diffusers import StableDiffusionXLPipeline
-
-    p = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture
 def lora_pair(pipe, tmp_path):
     """Content rank 4 on every attention layer, style rank 6 on the first 40 of them."""
     paths = attention_linears(pipe.unet)

@@ -60,20 +60,8 @@ def test_exported_lora_loaded_by_diffusers_alone_gives_the_same_picture(tmp_path
     assert np.abs(ours - plain).mean() > 5  # the file does something
 
 
-def _tiny_dino(folder):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      resample=2).save_pretrained(folder)
-    return folder
-
-
-def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tmp_path, capsys):
-    dino = _tiny_dino(tmp_path / "dino")
+def test_beta_auto_is_one_minus_the_dino_cosine_of_content_and_style_pictures(tmp_path, capsys, tiny_dino):
+    dino = tiny_dino
     log = tmp_path / "log.json"
     args = ("--demo", "--seeds", "3", "--num_inference_steps", "12", "--alpha", "2.0", "--pattern", "s")
     result = Run(capsys, *args, "--method", "est", "--beta", "auto", "--dino_model", str(dino),
