@@ -78,9 +78,10 @@ class KLoRALoader:
                                                "the paper's; -1 = infinity, the hard projection (c = 1). Other "
                                                "negatives are refused."}),
                 "switch_every": ("INT", {"default": methods.DEFAULT_SWITCH_EVERY, "min": 1, "max": 10000,
-                                         "tooltip": "Method switch only: steps per block, content first (steps "
-                                                    "0 to N-1 content, N to 2N-1 style, ...; split samplers count "
-                                                    "the run's steps from their start step)."}),
+                                         "tooltip": "Method switch only: steps per block, content first, as the "
+                                                    "paper's code runs it (steps 0 to N content, N+1 to 2N style, "
+                                                    "...; split samplers count the run's steps from their start "
+                                                    "step)."}),
             },
         }
 

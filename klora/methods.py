@@ -28,7 +28,7 @@ EXPORTABLE = ("np", "merge")  # --export_lora writes their merged LoRA as one fi
 SUMMARY = {
     "klora": "K-LoRA: per layer and step, the LoRA with the larger top-K magnitudes against the step's scale",
     "est": "EST-LoRA: K-LoRA's choice on the energies ||dW||_F^2 (no K)",
-    "switch": "LoRA Switch: the content LoRA for N steps, then the style LoRA for N, and so on",
+    "switch": "LoRA Switch: the content LoRA for steps 0-N, then the style LoRA for N steps, and so on",
     "np": "NP-LoRA: one static merge, the content projected off the style's directions",
     "merge": "both LoRAs added everywhere",
     "content": "the content LoRA alone",

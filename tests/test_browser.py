@@ -290,7 +290,7 @@ def test_page_in_headless_chromium(demo_server, demo_reference, tmp_path):
                 if method == "est":
                     expect(page.locator("#beta-from-dino input")).to_be_disabled()
                     expect(page.locator("#beta-from-dino")).to_contain_text("--dino_model")
-            expect(page.locator("#method")).to_contain_text("LoRA Switch: the content LoRA for N steps")
+            expect(page.locator("#method")).to_contain_text("LoRA Switch: the content LoRA for steps 0-N")
             page.locator("#switch-every input").fill("2")
             page.click("#generate")
             expect(page.locator("#summary")).to_contain_text("switching every 2 steps", timeout=60_000)

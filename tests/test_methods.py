@@ -130,6 +130,17 @@ def test_est_choices_equal_the_energy_rule_recomputed_from_the_files(pipe, lora_
     klora.detach()
 
 
+def code_schedule(steps: int, tau: int) -> list[bool]:
+    """LoRA Switch as its code runs it (``callbacks.make_callback``): LoRA 1 (content) active from the start,
+    and after every step ``i > 0`` with ``i % tau == 0`` the step-end callback sets the other one."""
+    active, uses = "content", []
+    for i in range(steps):
+        uses.append(active == "content")
+        if i > 0 and i % tau == 0:
+            active = "style" if active == "content" else "content"
+    return uses
+
+
 def _watch(pipe, paths, before, record):
     """A forward pre-hook registered after K-LoRA's: what each layer applies at each UNet call."""
     def hook(module, args, kwargs):
@@ -150,8 +161,10 @@ def test_switch_turns_the_whole_other_lora_off_every_n_steps(pipe, lora_pair, sw
     _generate(pipe, steps=7)
     handle.remove()
     assert len(record) == 7  # one UNet call per step (classifier-free guidance is batched)
+    schedule = code_schedule(7, 2)
+    assert schedule == [True, True, True, False, False, True, True]  # steps 0-2 content, 3-4 style, 5-6 content
     for step, applied in enumerate(record):
-        content_block = (step // 2) % 2 == 0
+        content_block = schedule[step]
         want_shared = delta(content[shared]) if content_block else delta(style[shared])
         assert torch.allclose(applied[shared], want_shared, rtol=1e-4, atol=2e-7), step
         want_only = delta(content[content_only]) if content_block else torch.zeros_like(applied[content_only])
@@ -159,16 +172,19 @@ def test_switch_turns_the_whole_other_lora_off_every_n_steps(pipe, lora_pair, sw
     log = klora.selection_log()
     assert log["switch_every"] == 2
     for entry in log["generations"][-1]["steps"]:
-        assert set(entry["choices"].values()) == {"content" if (entry["step"] // 2) % 2 == 0 else "style"}
+        assert set(entry["choices"].values()) == {"content" if schedule[entry["step"]] else "style"}
     klora.detach()
     assert all(torch.equal(before[p], w) for p, w in base_weights(pipe.unet).items())
 
 
-def test_switch_schedule_is_the_papers_formula():
-    # i(t) = floor(((t - 1) mod k tau) / tau) + 1 for t = 1..N and k = 2: LoRA 1 is the content LoRA.
+def test_switch_schedule_is_the_codes_callback():
     for tau in (1, 2, 5, 7):
-        for t in range(1, 60):
-            assert lora_switch.uses_content(t - 1, tau) == (((t - 1) % (2 * tau)) // tau + 1 == 1)
+        assert [lora_switch.uses_content(s, tau) for s in range(60)] == code_schedule(60, tau)
+    # ... which differs from the paper's formula, i(t) = floor(((t - 1) mod k tau) / tau) + 1, only by the
+    # first block's extra step: every later block is one step later.
+    formula = [((t - 1) % 10) // 5 + 1 == 1 for t in range(1, 51)]
+    assert formula[:5] == [True] * 5 and code_schedule(50, 5)[:6] == [True] * 6
+    assert code_schedule(50, 5)[1:] == formula[:-1]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -227,7 +243,7 @@ def test_wan22_switch_counts_steps_across_the_experts_and_np_merges_both(video_d
     assert {c for c, _, _ in record} == set(experts)  # both experts ran
     for component, t, applied in record:
         step = timesteps.index(t)
-        want = content[shared] if (step // 3) % 2 == 0 else style[shared]
+        want = content[shared] if code_schedule(8, 3)[step] else style[shared]
         assert torch.allclose(applied, delta(want), rtol=1e-4, atol=2e-7), (component, step)
     log = klora.selection_log()
     logged = {(e["component"], e["step"]) for e in log["generations"][-1]["steps"]}
