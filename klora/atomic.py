@@ -16,12 +16,12 @@ def replacing(path, suffix: str = ".tmp"):
     permissions a plain ``open`` would give (``mkstemp`` makes it private, and the rename would keep that)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # after the writer: some (safetensors) write a new file of their own
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,6 +2,8 @@
 EST-LoRA's --beta auto against DINO recomputed here, and one-line refusals."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -40,6 +42,9 @@ def test_exported_lora_loaded_by_diffusers_alone_gives_the_same_picture(tmp_path
                         "--output_folder", str(tmp_path / "out"), "--num_inference_steps", "20")
     assert result.returncode == 0, result.stderr
     ours = _image(tmp_path / "out" / f"{method}_seed0.png")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o666 & ~umask  # not the temporary file's private mode
     from safetensors import safe_open
 
     with safe_open(str(exported), "pt") as f:
