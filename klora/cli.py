@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import dino, methods, rule
 from .atomic import replacing
+from .export import check_path as export_path
 from .errors import KLoRAError  # noqa: F401  (re-exported for the scripts)
 from .fusion import MAX_STRENGTH, METHODS, PROGRESS, SWITCHING
 
@@ -579,14 +580,12 @@ def plan_outputs(args, kind: str = "image") -> Outputs:
     frames = {seed: folder / f"{tag}_seed{seed}_frames" for seed in args.seeds} \
         if getattr(args, "save_frames", False) else {}
     log = Path(args.selection_log).expanduser() if args.selection_log else None
-    export = Path(args.export_lora).expanduser() if getattr(args, "export_lora", None) else None
+    export = export_path(args.export_lora) if getattr(args, "export_lora", None) else None
     outputs = Outputs(folder=folder, media=media, maps=maps, log=log, kind=kind, frames=frames, export=export)
     _check_writable(folder, "--output_folder")
     if log is not None:
         _check_writable(log.parent if str(log.parent) else Path("."), "--selection_log")
     if export is not None:
-        if export.suffix != ".safetensors":
-            raise KLoRAError(f"--export_lora '{export}': the file name must end in .safetensors")
         _check_writable(export.parent if str(export.parent) else Path("."), "--export_lora")
     if not args.overwrite:
         existing = [str(p) for p in outputs.all() if p.exists()]

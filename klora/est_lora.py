@@ -20,9 +20,15 @@ from __future__ import annotations
 import torch
 
 
+# Entries converted to float64 at a time: a whole FLUX.2 or Wan layer's update is a gigabyte in float32,
+# and a float64 copy of it would double the peak memory of computing the statistics.
+_CHUNK = 1 << 22
+
+
 def energy(delta: torch.Tensor) -> float:
-    """||dW||_F^2 in float64."""
-    return float(delta.detach().double().square().sum())
+    """||dW||_F^2, summed in float64 a chunk at a time."""
+    flat = delta.detach().reshape(-1)
+    return float(sum(chunk.double().square().sum() for chunk in flat.split(_CHUNK)))
 
 
 def content_mask(content_energies: torch.Tensor, style_energies: torch.Tensor,

@@ -83,13 +83,19 @@ def state_dict(layers: dict, component: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_path(path) -> Path:
+    """The export's path, refused unless it names a .safetensors file (checked before anything is loaded)."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise KLoRAError(f"--export_lora '{path}': the file name must end in .safetensors")
+    return path
+
+
 def write(path, tensors: dict, metadata: dict, overwrite: bool = False) -> Path:
     """Write atomically; refuse an existing file unless ``overwrite``."""
     from safetensors.torch import save_file
 
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise KLoRAError(f"--export_lora '{path}': the file name must end in .safetensors")
+    path = check_path(path)
     if path.exists() and not overwrite:
         raise KLoRAError(f"--export_lora '{path}' already exists (pass --overwrite to replace)")
     with replacing(path) as tmp:

@@ -1254,8 +1254,8 @@ def _np_correction(adapters, paths: list[str], mu: float, device) -> loras.Denoi
             A = content.state_dict[f"{path}.lora_A.weight"]
             directions = np_lora.style_directions(style.state_dict[f"{path}.lora_A.weight"].flatten(1).to(device),
                                                   style.state_dict[f"{path}.lora_B.weight"].flatten(1).to(device))
-            flat = A.flatten(1).to(device, torch.float64)
-            state[f"{path}.lora_A.weight"] = ((flat @ directions) @ directions.T).reshape(A.shape).to(A.device, A.dtype)
+            part = np_lora.style_part(A.flatten(1).to(device), directions)
+            state[f"{path}.lora_A.weight"] = part.reshape(A.shape).to(A.device, A.dtype)
             state[f"{path}.lora_B.weight"] = content.state_dict[f"{path}.lora_B.weight"]
     config = dict(content.config, target_modules=list(paths))
     config.pop("lora_bias", None)

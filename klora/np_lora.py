@@ -50,11 +50,16 @@ def style_directions(style_A: torch.Tensor, style_B: torch.Tensor) -> torch.Tens
     return basis @ right[keep].T
 
 
+def style_part(content_A: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``A_c V V^T``: the part of the content LoRA's down matrix in the style's input directions (float64;
+    ``directions`` from ``style_directions``)."""
+    return (content_A.detach().double() @ directions) @ directions.T
+
+
 def project_content(content_A: torch.Tensor, directions: torch.Tensor, strength: float) -> torch.Tensor:
     """``A_c (I - c V V^T)``: the content LoRA's down matrix with ``c`` of its style-direction part taken
-    away (float64; ``directions`` from ``style_directions``, ``strength`` from ``projection_strength``)."""
-    A = content_A.detach().double()
-    return A - strength * (A @ directions) @ directions.T
+    away (float64; ``strength`` from ``projection_strength``)."""
+    return content_A.detach().double() - strength * style_part(content_A, directions)
 
 
 def merged_factors(content_A, content_B, content_scale, style_A, style_B, style_scale, mu=DEFAULT_MU):
